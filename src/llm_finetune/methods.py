@@ -85,14 +85,21 @@ def quantization_config(mode: str):
     raise MethodError(f"model.quantization: unknown mode {mode!r}")
 
 
-def apply_method(model, cfg: MethodConfig) -> Any:
-    """Wrap `model` for training with the configured method; return the trainable model."""
+def apply_method(model, cfg: MethodConfig, trainable_token_indices: list[int] | None = None) -> Any:
+    """Wrap `model` for training with the configured method; return the trainable model.
+
+    `trainable_token_indices`: embedding rows trained in full (tokens a template added). PEFT trains
+    just those rows, saves them with the adapter, and keeps a tied output head consistent.
+    """
     from peft import PeftModel, get_peft_model
 
     if cfg.init_adapter:
         return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
     check_targets(model, cfg.target_modules)
-    return get_peft_model(model, PEFT_CONFIGS[cfg.name](cfg))
+    peft_config = PEFT_CONFIGS[cfg.name](cfg)
+    if trainable_token_indices:
+        peft_config.trainable_token_indices = list(trainable_token_indices)
+    return get_peft_model(model, peft_config)
 
 
 def count_parameters(model) -> tuple[int, int]:

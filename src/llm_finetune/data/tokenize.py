@@ -28,6 +28,7 @@ class Encoded:
     labels: list[int]
     source: str
     truncated: bool = False
+    full_length: int = 0  # tokens before truncation
 
     @property
     def num_trained(self) -> int:
@@ -79,6 +80,8 @@ class ChatEncoder:
     # -- rendering -----------------------------------------------------------------------------
 
     def _with_system(self, messages: list[dict]) -> list[dict]:
+        if messages and messages[0]["role"] == "text":
+            return list(messages)
         if self.system_prompt and (not messages or messages[0]["role"] != "system"):
             return [{"role": "system", "content": self.system_prompt}] + list(messages)
         return list(messages)
@@ -130,7 +133,23 @@ class ChatEncoder:
             spans.append((len(prefix), len(prefix) + end + len(self.end_of_turn)))
         return full, spans
 
+    def encode_text(self, example: Example) -> tuple[list[int], list[int]]:
+        """Plain text (continued pre-training): BOS if the tokenizer has one, the text, EOS; all trained.
+
+        No chat template: the text is the document itself. EOS marks where one document ends.
+        """
+        tok = self.tokenizer
+        ids = tok(example.messages[0]["content"], add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None:
+            ids = [tok.bos_token_id] + ids
+        eos = tok.eos_token_id if tok.eos_token_id is not None else self.end_of_turn_id
+        ids = ids + [eos]
+        return ids, list(ids)
+
     def encode(self, example: Example) -> Encoded | Skipped:
+        if example.format == "text":
+            ids, labels = self.encode_text(example)
+            return self._fit(ids, labels, example.source)
         messages = self._with_system(example.messages)
         text, spans = self.char_spans(messages)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -147,17 +166,21 @@ class ChatEncoder:
         last = max((j for j, x in enumerate(labels) if x != IGNORE_INDEX), default=-1)
         if last < 0:
             return Skipped(example.source, "no supervised tokens (nothing to train on)")
-        ids, labels = ids[: last + 1], labels[: last + 1]
+        return self._fit(ids[: last + 1], labels[: last + 1], example.source)
+
+    def _fit(self, ids: list[int], labels: list[int], source: str) -> Encoded | Skipped:
+        """Apply the length policy: keep the end (the answer and its end-of-turn token) or drop."""
+        full = len(ids)
         truncated = False
         if len(ids) > self.max_length:
             if self.truncation == "drop":
-                return Skipped(example.source, f"{len(ids)} tokens > data.max_length={self.max_length} "
-                                               "(policy: drop)")
+                return Skipped(source, f"{len(ids)} tokens > data.max_length={self.max_length} "
+                                       "(policy: drop)")
             ids, labels = ids[-self.max_length:], labels[-self.max_length:]
             truncated = True
             if all(x == IGNORE_INDEX for x in labels):
-                return Skipped(example.source, "no supervised tokens left after truncation")
-        return Encoded(ids, labels, example.source, truncated)
+                return Skipped(source, "no supervised tokens left after truncation")
+        return Encoded(ids, labels, source, truncated, full)
 
 
 @dataclass
