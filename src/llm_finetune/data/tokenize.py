@@ -39,6 +39,7 @@ class Encoded:
 class Skipped:
     source: str
     reason: str
+    length: int = 0  # tokens of the whole example, before any truncation
 
 
 def find_end_of_turn(tokenizer) -> str | None:
@@ -165,7 +166,7 @@ class ChatEncoder:
         # Tokens after the last trained one carry no loss and cannot influence earlier tokens: drop them.
         last = max((j for j, x in enumerate(labels) if x != IGNORE_INDEX), default=-1)
         if last < 0:
-            return Skipped(example.source, "no supervised tokens (nothing to train on)")
+            return Skipped(example.source, "no supervised tokens (nothing to train on)", len(ids))
         return self._fit(ids[: last + 1], labels[: last + 1], example.source)
 
     def _fit(self, ids: list[int], labels: list[int], source: str) -> Encoded | Skipped:
@@ -175,11 +176,11 @@ class ChatEncoder:
         if len(ids) > self.max_length:
             if self.truncation == "drop":
                 return Skipped(source, f"{len(ids)} tokens > data.max_length={self.max_length} "
-                                       "(policy: drop)")
+                                       "(policy: drop)", full)
             ids, labels = ids[-self.max_length:], labels[-self.max_length:]
             truncated = True
             if all(x == IGNORE_INDEX for x in labels):
-                return Skipped(source, "no supervised tokens left after truncation")
+                return Skipped(source, "no supervised tokens left after truncation", full)
         return Encoded(ids, labels, source, truncated, full)
 
 
