@@ -95,7 +95,8 @@ def read_source(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto") -> So
             problems.append(item)
             continue
         examples.append(item)
-        encoded.append(encoder.encode(item))
+    for i in range(0, len(examples), 256):
+        encoded += encoder.encode_many(examples[i:i + 256])
     return SourceData(str(spec), examples, encoded, problems, result.rows, result.formats, result.ignored_files)
 
 

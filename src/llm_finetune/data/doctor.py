@@ -95,6 +95,9 @@ class CheckReport:
         return "\n".join(lines)
 
 
+CHUNK = 256  # examples tokenised together: bounded memory, and the tokenizer's batch speed
+
+
 def check(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", max_listed: int = 20,
           histogram: str | Path | None = None) -> CheckReport:
     """Stream `spec` once: validate, encode each example through the real template, and count."""
@@ -106,6 +109,18 @@ def check(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", max_listed:
     measure.truncation = "truncate_left"
     hashes = array("Q")  # 8 bytes per example
     result = ReadResult()
+    chunk: list = []
+
+    def measure_chunk() -> None:
+        for enc in measure.encode_many(chunk):
+            length = enc.full_length if isinstance(enc, Encoded) else enc.length
+            report.lengths[length] = report.lengths.get(length, 0) + 1
+            if length > encoder.max_length:
+                report.too_long += 1
+            if isinstance(enc, Skipped) and (encoder.truncation == "truncate_left" or length <= encoder.max_length):
+                report.lost_all_supervision += 1
+        chunk.clear()
+
     for item in iter_examples(spec, fmt, result):
         if isinstance(item, RowProblem):
             report.problems += 1
@@ -114,13 +129,10 @@ def check(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", max_listed:
             continue
         report.examples += 1
         hashes.append(int.from_bytes(example_hash(item), "little"))
-        enc = measure.encode(item)
-        length = enc.full_length if isinstance(enc, Encoded) else enc.length
-        report.lengths[length] = report.lengths.get(length, 0) + 1
-        if length > encoder.max_length:
-            report.too_long += 1
-        if isinstance(enc, Skipped) and (encoder.truncation == "truncate_left" or length <= encoder.max_length):
-            report.lost_all_supervision += 1
+        chunk.append(item)
+        if len(chunk) == CHUNK:
+            measure_chunk()
+    measure_chunk()
     report.rows, report.formats, report.ignored_files = result.rows, result.formats, result.ignored_files
     if len(hashes):
         import numpy as np
