@@ -146,7 +146,15 @@ def _save(entry: Path, data: SourceData, parts: dict[str, Any]) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
     try:
-        Dataset.from_dict(columns, features=_features()).save_to_disk(str(tmp / "rows"))
+        import datasets
+
+        quiet = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # a bar per cache write would drown the training log
+        try:
+            Dataset.from_dict(columns, features=_features()).save_to_disk(str(tmp / "rows"))
+        finally:
+            if not quiet:
+                datasets.enable_progress_bars()
         meta = {"key": parts, "spec": data.spec, "rows": data.rows, "formats": data.formats,
                 "ignored_files": data.ignored_files, "problems": [p.__dict__ for p in data.problems]}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")

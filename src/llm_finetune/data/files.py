@@ -110,7 +110,7 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as e:
                     if not eof and fill():
                         continue
-                    if not _cut_off(buf, pos):
+                    if buf[pos:].strip() and not _cut_off(buf, pos):
                         bad_line = start_line + buf.count("\n", pos, e.pos)
                         yield bad_line, RowProblem(str(path), bad_line, f"invalid JSON: {e.msg}; reading of "
                                                                         "this file stopped here")
