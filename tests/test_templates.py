@@ -89,6 +89,7 @@ def test_added_tokens_are_trained_saved_and_inference_prompt_is_byte_identical(t
     weights = load_file(adapter / "adapter_model.safetensors")
     rows = [v for k, v in weights.items() if "trainable_tokens" in k]
     assert rows and rows[0].shape[0] == 2  # the two new rows, saved with the adapter
+    assert not [k for k in weights if "embed_tokens" in k and "trainable_tokens" not in k]  # not the whole matrix
 
     # The training-time prompt, rebuilt exactly as training did it.
     train_tok = load_tokenizer(str(tiny_model_dir))

@@ -246,7 +246,9 @@ def run(cfg: RunConfig) -> RunResult:
     }
     adapter_dir = out_dir / cfg.output.adapter_name
     with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
-        model.save_pretrained(tmp)
+        # Added tokens: only their trained rows are saved (PEFT's trainable tokens), not the whole
+        # resized embedding matrix PEFT would otherwise copy; `generate` resizes the base first.
+        model.save_pretrained(tmp, **({"save_embedding_layers": False} if data.added_tokens else {}))
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "run_config.json", cfg.to_dict())
         write_json(tmp / "run_manifest.json", manifest)
