@@ -126,11 +126,11 @@ def main() -> None:
                          "duplicates": r["duplicates"], "duplicates_written": made["duplicates_written"],
                          "tokens": r["tokens"], "too_long": r["too_long"]})
             print(f"  {rows[-1]}", flush=True)
+            write_results(Path(args.out), rows)  # after every run, so a stopped benchmark keeps what it measured
             if size == large:
                 files.pop(size)[0].unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_results(Path(args.out), rows)
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
