@@ -124,8 +124,18 @@ def test_csv_problems_name_the_line(tmp_path):
     assert [(p.line, p.reason.split(";")[0]) for p in result.problems] == [
         (3, "the row has 1 cells but the header has 3 (instruction, output, history)"),
         (5, "column 'history' is not valid JSON (Expecting value)"),
-        (6, "missing required field 'instruction'"),
+        (6, "field 'instruction' is empty"),
     ]
+
+
+def test_csv_prompt_completion_text_that_looks_like_json(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,completion\n"{""name"": 1} as YAML?","name: 1"\n"[INST] hi","hello"\n'
+                    '"[{""role"": ""user"", ""content"": ""q""}]","[{""role"": ""assistant"", ""content"": ""a""}]"\n',
+                    encoding="utf-8")
+    result = read_examples(path)
+    assert not result.problems
+    assert [e.messages[0]["content"] for e in result.examples] == ['{"name": 1} as YAML?', "[INST] hi", "q"]
 
 
 def test_parquet_rows_are_numbered(tmp_path):

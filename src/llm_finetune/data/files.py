@@ -21,10 +21,11 @@ from .records import DataError, RowProblem, iter_jsonl
 SUPPORTED = (".jsonl", ".json", ".csv", ".parquet")
 # CSV cells are text; these columns hold structures, written as JSON inside the cell.
 JSON_COLUMNS = ("messages", "conversations", "history", "prompt", "completion")
+TEXT_OR_JSON_COLUMNS = ("prompt", "completion")  # text, or (TRL's conversational form) a list of messages
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CHUNK = 1 << 20
 
-Row = tuple[str, int, str, Any]
+Row = tuple[str, int, str, Any]  # (file, line or row number, "line" | "row", parsed row or RowProblem)
 
 
 def _not_utf8(value: Any) -> bool:
@@ -187,14 +188,15 @@ def iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
             row: dict[str, Any] = {}
             problem = None
             for key, cell in zip(header, cells):
-                if key in JSON_COLUMNS and cell.lstrip().startswith(("[", "{")):
+                row[key] = cell
+                if key in JSON_COLUMNS and cell.lstrip().startswith("["):
                     try:
                         row[key] = json.loads(cell)
                     except json.JSONDecodeError as e:
+                        if key in TEXT_OR_JSON_COLUMNS:  # a prompt may simply begin with '['
+                            continue
                         problem = f"column '{key}' is not valid JSON ({e.msg})"
                         break
-                else:
-                    row[key] = cell if cell != "" else None
             yield start, (RowProblem(str(path), start, problem) if problem else row)
 
 
