@@ -245,6 +245,15 @@ def test_prompt_longer_than_max_length_is_reported_never_trained_with_zero_label
             assert data.train_stats.truncated == 1 and data.train_stats.kept == 7
 
 
+def test_eval_rows_that_cannot_be_used_are_reported(tmp_path, chatml_tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", extraction_rows(6))
+    e = write_jsonl(tmp_path / "e.jsonl", extraction_rows(2, offset=60) + [{"instruction": "w " * 300, "output": "x"}])
+    data = prepare(tmp_path, chatml_tokenizer, f"data.train_file={a}", f"data.eval_file={e}")
+    assert len(data.eval) == 2 and data.info["split"]["eval_skipped"] == 1
+    assert data.rejects == [{"source": f"{e}:3", "reason": data.rejects[0]["reason"], "stage": "eval"}]
+    assert "data.max_length=128" in data.rejects[0]["reason"]
+
+
 # ---------------------------------------------------------------------------------------------
 # on_error: skip trains on the valid rows and writes the rejects next to the logs.
 
@@ -261,7 +270,7 @@ def test_on_error_skip_trains_and_writes_rejects(tmp_path, tiny_model_dir):
     assert [(r.get("line"), r["stage"]) for r in rejects] == [(9, "read"), (10, "read"), (None, "dedup")]
     assert "invalid JSON" in rejects[0]["reason"] and "must be a JSON object" in rejects[1]["reason"]
     log = (tmp_path / "logs" / "training.log").read_text()
-    assert "3 row(s) not trained on" in log and "rejected_rows.jsonl" in log
+    assert "3 row(s) not used" in log and "rejected_rows.jsonl" in log
     data = result.manifest["data"]
     assert data["invalid_rows"] == 2 and data["dedup"]["removed"] == 1 and data["on_error"] == "skip"
     assert data["formats"] == {"alpaca": 10} and data["split"]["train_examples"] == 9

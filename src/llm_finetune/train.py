@@ -176,7 +176,8 @@ def run(cfg: RunConfig) -> RunResult:
     if data.rejects:
         rejected_path = logs_dir / "rejected_rows.jsonl"
         write_jsonl_atomic(rejected_path, data.rejects)
-        log.warning("data: %d row(s) not trained on (invalid, too long or duplicate); each with its reason in %s",
+        log.warning("data: %d row(s) not used (invalid, too long, no trained token or duplicate); each with its "
+                    "reason in %s",
                     len(data.rejects), rejected_path)
     for f in data.info.get("ignored_files", []):
         log.warning("data: ignored %s (not a supported data file type)", f)

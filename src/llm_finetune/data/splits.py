@@ -133,6 +133,8 @@ def build_splits(cfg, tokenizer):
     if cfg.eval.max_examples:
         pairs = pairs[: cfg.eval.max_examples]
     prepared.eval = [enc for _, enc in pairs if isinstance(enc, Encoded)]
+    rejects += [{"source": enc.source, "reason": enc.reason, "stage": "eval"} for _, enc in pairs
+                if isinstance(enc, Skipped)]
     # Plain text has no prompt/answer, so it counts for eval loss but not for the generation metric.
     prepared.eval_examples = [ex for ex, enc in pairs if isinstance(enc, Encoded) and ex.format != "text"]
 
@@ -150,6 +152,7 @@ def build_splits(cfg, tokenizer):
         "weights": dict(zip(map(str, files), weights)),
         "dedup": {"enabled": d.dedup, "removed": removed},
         "split": {"eval_source": eval_source, "eval_fraction": d.eval_fraction, "eval_examples": len(prepared.eval),
+                  "eval_skipped": len(pairs) - len(prepared.eval),
                   "train_examples": len(train), "shuffle_seed": d.shuffle_seed},
         "ignored_files": [f for s in sources for f in s.ignored_files],
         "cache": [{"path": s.spec, "key": s.key, "hit": s.cache_hit} for s in sources],
