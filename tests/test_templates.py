@@ -113,3 +113,27 @@ def test_added_tokens_are_trained_saved_and_inference_prompt_is_byte_identical(t
     ids = infer_encoder.encode_prompt(messages)
     gen = generate_batch(model, tok, [ids], infer_encoder.generation_eos_ids(), max_new_tokens=3)
     assert gen[0].new_tokens <= 3
+
+
+def test_untied_output_head_trains_the_new_rows_too(tmp_path, fresh_tokenizer):
+    """With separate input and output embeddings, both get the new rows trained (and only those)."""
+    from conftest import build_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from llm_finetune.config import MethodConfig
+    from llm_finetune.methods import apply_method
+
+    build_tiny_llama(tmp_path / "untied", fresh_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "untied", tie_word_embeddings=False)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    added = apply_template(fresh_tokenizer, "gemma")
+    ids = fresh_tokenizer.convert_tokens_to_ids(added)
+    model.resize_token_embeddings(len(fresh_tokenizer))
+    peft_model = apply_method(model, MethodConfig(), trainable_token_indices=ids)
+    assert peft_model.peft_config["default"].trainable_token_indices == {"embed_tokens": ids, "lm_head": ids}
+    batch = torch.tensor([[ids[0], 5, 6, ids[1]]])
+    peft_model(input_ids=batch, labels=batch).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n}
+    assert sorted(grads) == ["base_model.model.lm_head.token_adapter.trainable_tokens_delta.default",
+                             "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())

@@ -98,8 +98,18 @@ def apply_method(model, cfg: MethodConfig, trainable_token_indices: list[int] | 
     check_targets(model, cfg.target_modules)
     peft_config = PEFT_CONFIGS[cfg.name](cfg)
     if trainable_token_indices:
-        peft_config.trainable_token_indices = list(trainable_token_indices)
+        peft_config.trainable_token_indices = token_rows_to_train(model, list(trainable_token_indices))
     return get_peft_model(model, peft_config)
+
+
+def token_rows_to_train(model, ids: list[int]) -> list[int] | dict[str, list[int]]:
+    """Rows to train in the input embedding and, when it is not tied to it, in the output head too
+    (otherwise a new token could be read but never predicted)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(model.config, "tie_word_embeddings", False):
+        return ids  # PEFT applies the same rows to the tied head
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    return {names[id(model.get_input_embeddings())]: ids, names[id(head)]: ids}
 
 
 def count_parameters(model) -> tuple[int, int]:
