@@ -164,8 +164,8 @@ def write_results(path: Path, rows: list[dict]) -> None:
         "numpy at the end to count duplicates) and one counter per distinct token length. Nothing keeps rows, "
         "texts or token ids after their 256-example chunk is measured.",
         "",
-        "Why two tokenizers: the real SmolLM2 byte-level BPE tokenises roughly 0.5 MB/s here, so 1 GB through it "
-        "would take over half an hour on the shared cores. The word-level tokenizer (built by the script, ChatML "
+        "Why two tokenizers: the real SmolLM2 byte-level BPE path runs at 0.3-0.8 MB/s here, so 1 GB through it "
+        "would take 20-60 minutes on the shared cores. The word-level tokenizer (built by the script, ChatML "
         "template, same code path: template rendering, offsets, label masks) makes the 1 GB run affordable; "
         "tokenizer memory does not depend on the file size, and the 100 MB row with the real tokenizer shows "
         "its footprint.",
