@@ -9,8 +9,8 @@ Results go to benchmarks/results/data_check_memory.md.
 
 Two tokenizers:
   * the real default one (SmolLM2-135M-Instruct, through its own chat template), and
-  * a word-level tokenizer built here (ChatML template), because the real byte-level BPE tokenises
-    about 0.5 MB/s on this 2-core machine: 1 GB through it would take over half an hour. Tokenizer
+  * a word-level tokenizer built here (ChatML template), because the real byte-level BPE path runs
+    at 0.3-0.8 MB/s on this shared 2-core machine: 1 GB through it would take 20-60 minutes. Tokenizer
     memory does not depend on the file, so the fast one shows the scaling at a bearable cost; the
     100 MB run with the real tokenizer shows the real tokenizer's footprint.
 """
