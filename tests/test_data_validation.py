@@ -275,3 +275,13 @@ def test_on_error_skip_trains_and_writes_rejects(tmp_path, tiny_model_dir):
     assert data["invalid_rows"] == 2 and data["dedup"]["removed"] == 1 and data["on_error"] == "skip"
     assert data["formats"] == {"alpaca": 10} and data["split"]["train_examples"] == 9
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_json_file_holding_json_lines_or_a_scalar(tmp_path):
+    lines = tmp_path / "lines.json"
+    lines.write_text(f"{GOOD}\n{GOOD}\n", encoding="utf-8")
+    assert [e.source for e in read_examples(lines).examples] == [f"{lines}:1", f"{lines}:2"]
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text('\n"just a string"\n', encoding="utf-8")
+    (problem,) = read_examples(scalar).problems
+    assert problem.line == 2 and "must hold an array of rows" in problem.reason
