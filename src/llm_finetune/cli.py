@@ -81,6 +81,58 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _data_encoder(args):
+    """The tokenizer, template and encoding options a training run with this config would use."""
+    cfg = _load_config(args)
+    from .data.templates import apply_template
+    from .data.tokenize import ChatEncoder
+    from .models import load_tokenizer, resolve_source
+
+    source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    apply_template(tokenizer, cfg.data.template)
+    d = cfg.data
+    return cfg, ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
+
+
+def _data_source(args, cfg) -> str:
+    if args.file:
+        return args.file
+    if isinstance(cfg.data.train_file, list):
+        raise UserError("data.train_file is a list; name the file to check, e.g. llm-finetune data check FILE")
+    return cfg.data.train_file
+
+
+def cmd_data_check(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .data.doctor import check
+
+    cfg, encoder = _data_encoder(args)
+    spec = _data_source(args, cfg)
+    plot = args.plot or str(Path(cfg.output.logs_dir) / f"data_check_{Path(spec).stem or 'data'}.png")
+    report = check(spec, encoder, cfg.data.format, histogram=None if args.no_plot else plot)
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_data_preview(args) -> int:
+    from .data.doctor import preview
+
+    cfg, encoder = _data_encoder(args)
+    color = {"auto": None, "always": True, "never": False}[args.color]
+    shown = preview(_data_source(args, cfg), encoder, args.n, cfg.data.format, color)
+    return 0 if shown else 1
+
+
+def cmd_data(args) -> int:
+    if not getattr(args, "data_func", None):
+        args.data_parser.print_help()
+        return 2
+    return args.data_func(args)
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 
@@ -111,10 +163,31 @@ def _config_cmd_args(p):
     p.add_argument("--keys", action="store_true", help="list every key with its type, default and help")
 
 
+def _data_args(p):
+    sub = p.add_subparsers(dest="data_command", metavar="CHECK|PREVIEW")
+    c = sub.add_parser("check", help="validate a data file and report formats, token lengths, truncation, "
+                                     "duplicates; exit 1 if rows are invalid")
+    c.add_argument("file", nargs="?", help="data file, folder or dataset (default: the config's data.train_file)")
+    _config_args(c)
+    c.add_argument("--plot", help="where to save the length histogram PNG (default: <logs_dir>/data_check_<name>.png)")
+    c.add_argument("--no-plot", action="store_true", help="do not draw the histogram")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(data_func=cmd_data_check)
+    v = sub.add_parser("preview", help="print examples exactly as the model sees them, trained tokens marked")
+    v.add_argument("file", nargs="?", help="data file, folder or dataset (default: the config's data.train_file)")
+    _config_args(v)
+    v.add_argument("-n", type=int, default=3, help="how many examples (default 3)")
+    v.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colour trained tokens (auto: when printing to a terminal; else [[...]] markers)")
+    v.set_defaults(data_func=cmd_data_preview)
+    p.set_defaults(data_parser=p)
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (cmd_train, _train_args, "fine-tune a model as the config says"),
     "generate": (cmd_generate, _generate_args, "answer one prompt, streamed (base model or with an adapter)"),
     "config": (cmd_config, _config_cmd_args, "print the resolved config, or every key with --keys"),
+    "data": (cmd_data, _data_args, "the data doctor: `data check FILE` and `data preview FILE -n 3`"),
 }
 
 

@@ -44,9 +44,36 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_file: str = _f("data/train.jsonl", "Training data (JSONL, one example per line).")
+    train_file: str | list[str] = _f(
+        "data/train.jsonl",
+        "Training data: a .jsonl, .json (array), .csv or .parquet file, a folder of them, a Hub dataset id "
+        "(needs internet), or a list of these mixed (see train_weights).",
+    )
+    train_weights: list[float] | None = _f(
+        None,
+        "One weight per train_file entry: how many times each of its rows is used per epoch (2 = twice, "
+        "0.5 = a seeded random half). null = 1 for every file.",
+    )
     eval_file: str | None = _f("data/eval.jsonl", "Held-out data; null to train without one.")
-    format: Literal["auto", "alpaca", "messages"] = _f("auto", "Record format; auto detects it per row.")
+    eval_fraction: float | None = _f(
+        None, "Hold out this fraction of the training rows (seeded by shuffle_seed) as the eval set; "
+        "needs eval_file: null.", min=0.0, max=0.9,
+    )
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = _f(
+        "auto", "Record format; auto detects it per row (messages, conversations, instruction/output, "
+        "prompt/completion, text)."
+    )
+    template: Literal["chatml", "llama3", "mistral", "gemma", "alpaca"] | None = _f(
+        None, "Chat template: null = the tokenizer's own; or a built-in one by name. Missing special tokens are "
+        "added and their embedding rows trained.",
+    )
+    on_error: Literal["stop", "skip"] = _f(
+        "stop", "Invalid rows: stop before training and list them, or skip them (written with reasons to "
+        "rejected_rows.jsonl in output.logs_dir, and counted).",
+    )
+    dedup: bool = _f(False, "Drop exact duplicate examples (the first one is kept; the count is recorded).")
+    cache: bool = _f(True, "Cache tokenised data under the llm_finetune cache folder (keyed by data, tokenizer, "
+                     "template, max_length and options).")
     max_length: int = _f(512, "Longest example in tokens, prompt and answer together.", min=8)
     truncation: Literal["drop", "truncate_left"] = _f(
         "drop",

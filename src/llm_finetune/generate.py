@@ -26,6 +26,9 @@ def load_for_inference(model_path: str = "default", adapter: str | None = None, 
     tok_path = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else source.load_path
     tokenizer = load_tokenizer(tok_path)
     model = load_model(source, dtype=dtype, quantization=quantization)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # The adapter's template added special tokens; their trained rows come with the adapter.
+        model.resize_token_embeddings(len(tokenizer))
     if adapter:
         from peft import PeftModel
 

@@ -85,14 +85,31 @@ def quantization_config(mode: str):
     raise MethodError(f"model.quantization: unknown mode {mode!r}")
 
 
-def apply_method(model, cfg: MethodConfig) -> Any:
-    """Wrap `model` for training with the configured method; return the trainable model."""
+def apply_method(model, cfg: MethodConfig, trainable_token_indices: list[int] | None = None) -> Any:
+    """Wrap `model` for training with the configured method; return the trainable model.
+
+    `trainable_token_indices`: embedding rows trained in full (tokens a template added). PEFT trains
+    just those rows, saves them with the adapter, and keeps a tied output head consistent.
+    """
     from peft import PeftModel, get_peft_model
 
     if cfg.init_adapter:
         return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
     check_targets(model, cfg.target_modules)
-    return get_peft_model(model, PEFT_CONFIGS[cfg.name](cfg))
+    peft_config = PEFT_CONFIGS[cfg.name](cfg)
+    if trainable_token_indices:
+        peft_config.trainable_token_indices = token_rows_to_train(model, list(trainable_token_indices))
+    return get_peft_model(model, peft_config)
+
+
+def token_rows_to_train(model, ids: list[int]) -> list[int] | dict[str, list[int]]:
+    """Rows to train in the input embedding and, when it is not tied to it, in the output head too
+    (otherwise a new token could be read but never predicted)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(model.config, "tie_word_embeddings", False):
+        return ids  # PEFT applies the same rows to the tied head
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    return {names[id(model.get_input_embeddings())]: ids, names[id(head)]: ids}
 
 
 def count_parameters(model) -> tuple[int, int]:

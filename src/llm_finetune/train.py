@@ -34,6 +34,9 @@ class PreparedData:
     eval_examples: list[Example] = field(default_factory=list)
     eval: list[Encoded] = field(default_factory=list)
     fingerprints: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # splits, dedup, template, cache: for the manifest
+    rejects: list[dict[str, Any]] = field(default_factory=list)  # invalid or dropped rows, with reasons
+    added_tokens: list[int] = field(default_factory=list)  # special tokens the template added
 
 
 @dataclass
@@ -63,31 +66,13 @@ def setup_logging(logs_dir: Path) -> Path:
 
 
 def prepare_data(cfg: RunConfig, tokenizer) -> PreparedData:
-    """Read, validate and encode the data; raises DataError naming the line on any bad row."""
-    d = cfg.data
-    train_rows = load_examples(d.train_file, d.format).examples
-    random.Random(d.shuffle_seed).shuffle(train_rows)
-    if d.max_train_examples:
-        train_rows = train_rows[: d.max_train_examples]
-    encoder = ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
-    train, stats = encode_all(encoder, train_rows)
-    if not train:
-        from .data.records import DataError
+    """Read, validate and encode the data; raises DataError naming the line on any bad row.
 
-        raise DataError(f"{d.train_file}: no example is left to train on ({len(stats.skipped or [])} skipped: "
-                        f"{stats.skipped[0].reason if stats.skipped else 'empty'}); raise data.max_length "
-                        "or set data.truncation=truncate_left")
-    fingerprints = {"train_file": file_fingerprint(d.train_file), "tokenizer": tokenizer_fingerprint(tokenizer)}
-    prepared = PreparedData(encoder, train, stats, fingerprints=fingerprints)
-    if d.eval_file:
-        eval_rows = load_examples(d.eval_file, d.format).examples
-        if cfg.eval.max_examples:
-            eval_rows = eval_rows[: cfg.eval.max_examples]
-        pairs = [(ex, encoder.encode(ex)) for ex in eval_rows]
-        prepared.eval_examples = [ex for ex, e in pairs if isinstance(e, Encoded)]
-        prepared.eval = [e for _, e in pairs if isinstance(e, Encoded)]
-        fingerprints["eval_file"] = file_fingerprint(d.eval_file)
-    return prepared
+    Nothing is written here (the cache aside), so a bad row stops the run before any output exists.
+    """
+    from .data.splits import build_splits
+
+    return build_splits(cfg, tokenizer)
 
 
 def plan_steps(cfg: RunConfig, data: PreparedData) -> int:
@@ -138,6 +123,21 @@ def training_arguments(cfg: RunConfig, steps: int, learning_rate: float):
     )
 
 
+def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -173,6 +173,17 @@ def run(cfg: RunConfig) -> RunResult:
              len(data.train_stats.skipped or []), data.train_stats.tokens, data.train_stats.trained_tokens)
     for s in (data.train_stats.skipped or [])[:20]:
         log.warning("skipped %s: %s", s.source, s.reason)
+    if data.rejects:
+        rejected_path = logs_dir / "rejected_rows.jsonl"
+        write_jsonl_atomic(rejected_path, data.rejects)
+        log.warning("data: %d row(s) not used (invalid, too long, no trained token or duplicate); each with its "
+                    "reason in %s",
+                    len(data.rejects), rejected_path)
+    for f in data.info.get("ignored_files", []):
+        log.warning("data: ignored %s (not a supported data file type)", f)
+    if data.added_tokens:
+        log.info("template %s: added special tokens %s (ids %s) to the tokenizer; their embedding rows are "
+                 "trained and saved with the adapter", cfg.data.template, data.info["added_tokens"], data.added_tokens)
     log.info("plan: %d steps of %d examples, learning rate %g", steps,
              cfg.train.batch_size * cfg.train.gradient_accumulation_steps, learning_rate)
 
@@ -181,7 +192,9 @@ def run(cfg: RunConfig) -> RunResult:
     set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
     model = load_model(source, cfg.model.dtype, cfg.model.quantization, cfg.model.trust_remote_code,
                        cfg.model.revision)
-    model = methods.apply_method(model, cfg.method)
+    if data.added_tokens:
+        model.resize_token_embeddings(len(tokenizer))
+    model = methods.apply_method(model, cfg.method, trainable_token_indices=data.added_tokens or None)
     trainable, total = methods.count_parameters(model)
     log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
@@ -222,7 +235,8 @@ def run(cfg: RunConfig) -> RunResult:
         "method": cfg.method.name,
         "model": source.to_dict(),
         "data": {**data.fingerprints, "train": data.train_stats.to_dict(), "eval_examples": len(data.eval),
-                 "shuffle_seed": cfg.data.shuffle_seed, "template_end_of_turn": data.encoder.end_of_turn},
+                 "shuffle_seed": cfg.data.shuffle_seed, "template_end_of_turn": data.encoder.end_of_turn,
+                 **data.info},
         "training": {"steps": trainer.state.global_step, "learning_rate": learning_rate, "seed": cfg.train.seed,
                      "tokens_seen": tokens_seen, "final_loss": train_output.training_loss,
                      "trainable_parameters": trainable, "total_parameters": total,
@@ -233,7 +247,9 @@ def run(cfg: RunConfig) -> RunResult:
     }
     adapter_dir = out_dir / cfg.output.adapter_name
     with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
-        model.save_pretrained(tmp)
+        # Added tokens: only their trained rows are saved (PEFT's trainable tokens), not the whole
+        # resized embedding matrix PEFT would otherwise copy; `generate` resizes the base first.
+        model.save_pretrained(tmp, **({"save_embedding_layers": False} if data.added_tokens else {}))
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "run_config.json", cfg.to_dict())
         write_json(tmp / "run_manifest.json", manifest)

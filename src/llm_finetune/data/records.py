@@ -27,11 +27,15 @@ class Example:
     @property
     def prompt_messages(self) -> list[dict[str, Any]]:
         """Everything before the last assistant turn: what a user sends at inference."""
+        if self.format == "text":  # plain text has no prompt: all of it is trained
+            return []
         last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
         return self.messages[:last]
 
     @property
     def answer(self) -> str:
+        if self.format == "text":
+            return self.messages[0]["content"]
         return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
 
 
@@ -40,9 +44,14 @@ class RowProblem:
     path: str
     line: int
     reason: str
+    unit: str = "line"  # "row" for files without lines (parquet, hub datasets)
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
+        where = f"{self.line}" if self.unit == "line" else f"{self.unit} {self.line}"
+        return f"{self.path}:{where}: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, self.unit: self.line, "reason": self.reason}
 
 
 @dataclass
@@ -51,6 +60,7 @@ class ReadResult:
     problems: list[RowProblem] = field(default_factory=list)
     rows: int = 0
     formats: dict[str, int] = field(default_factory=dict)
+    ignored_files: list[str] = field(default_factory=list)  # in a folder, files of no supported type
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +111,7 @@ def chat_to_messages(row: dict) -> list[dict]:
             raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
         role = m.get("role")
         if role not in ROLES:
-            if role == "tool" or role == "function":
+            if role in TOOL_ROLES:
                 raise ValueError(
                     f"messages[{i}]: role '{role}' (tool calls) is not supported for training yet; "
                     "remove tool turns or fold their result into the user turn"
@@ -136,25 +146,106 @@ def check_turn_order(messages: list[dict]) -> None:
         raise ValueError("an assistant message is empty")
 
 
-FORMATS = {"alpaca": alpaca_to_messages, "messages": chat_to_messages}
+# ShareGPT's role spellings; anything else is reported as unknown, never guessed.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant",
+    "chatgpt": "assistant",
+}
+# The stated rule for tool turns, in every chat format: rejected with the row named, because a
+# template that has no tool role would otherwise render them as something they are not.
+TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")
+
+
+def _tool_rule(where: str, role: str) -> ValueError:
+    return ValueError(f"{where}: role '{role}' (tool calls) is not supported for training; "
+                      "remove tool turns or fold their result into the user turn")
+
+
+def sharegpt_to_messages(row: dict) -> list[dict]:
+    """ShareGPT: `conversations` = [{"from": "human"|"gpt"|"system"|..., "value": text}, ...]."""
+    raw = row.get("conversations")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("field 'conversations' must be a non-empty list of {from, value} objects")
+    messages = []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, dict):
+            raise ValueError(f"conversations[{i}] must be an object with 'from' and 'value'")
+        if "from" not in turn:
+            raise ValueError(f"conversations[{i}]: missing required field 'from'")
+        spoken = turn["from"]
+        if not isinstance(spoken, str):
+            raise ValueError(f"conversations[{i}]: 'from' must be a string, got {type(spoken).__name__}")
+        role = SHAREGPT_ROLES.get(spoken.lower())
+        if role is None:
+            if spoken.lower() in TOOL_ROLES:
+                raise _tool_rule(f"conversations[{i}]", spoken)
+            raise ValueError(f"conversations[{i}]: unknown role {spoken!r}; expected one of "
+                             f"{', '.join(SHAREGPT_ROLES)}")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise ValueError(f"conversations[{i}]: 'value' must be a string, got {type(value).__name__}")
+        msg = {"role": role, "content": value}
+        if "train" in turn:
+            if not isinstance(turn["train"], bool):
+                raise ValueError(f"conversations[{i}]: 'train' must be true or false")
+            msg["train"] = turn["train"]
+        messages.append(msg)
+    check_turn_order(messages)
+    return messages
+
+
+def prompt_completion_to_messages(row: dict) -> list[dict]:
+    """`prompt` + `completion`: two strings, or (TRL's conversational form) two lists of messages."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            raise ValueError("'prompt' and 'completion' must both be strings or both lists of messages")
+        return chat_to_messages({"messages": prompt + completion})
+    return [{"role": "user", "content": _text(row, "prompt")},
+            {"role": "assistant", "content": _text(row, "completion")}]
+
+
+def text_to_messages(row: dict) -> list[dict]:
+    """Plain text for continued pre-training: one pseudo-message, every token trained."""
+    return [{"role": "text", "content": _text(row, "text")}]
+
+
+FORMATS = {
+    "alpaca": alpaca_to_messages,
+    "messages": chat_to_messages,
+    "sharegpt": sharegpt_to_messages,
+    "prompt_completion": prompt_completion_to_messages,
+    "text": text_to_messages,
+}
 
 
 def detect_format(row: dict) -> str | None:
+    """The first matching format by its telltale key; `data.format` overrides this per run."""
     if "messages" in row:
         return "messages"
+    if "conversations" in row:
+        return "sharegpt"
     if "instruction" in row or "output" in row:
         return "alpaca"
+    if "prompt" in row or "completion" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
     return None
 
 
-def row_to_example(row: Any, fmt: str, path: str, line: int) -> Example:
+def row_to_example(row: Any, fmt: str, path: str, line: int, unit: str = "line") -> Example:
     if not isinstance(row, dict):
         raise ValueError(f"each row must be a JSON object, got {type(row).__name__}")
     name = detect_format(row) if fmt == "auto" else fmt
     if name is None:
         raise ValueError(f"unrecognised record with keys {sorted(row)}; expected alpaca "
-                         "(instruction, input, output) or chat (messages)")
-    return Example(messages=FORMATS[name](row), source=f"{path}:{line}", format=name)
+                         "(instruction, input, output), chat (messages), ShareGPT (conversations), "
+                         "prompt/completion, or text")
+    where = f"{path}:{line}" if unit == "line" else f"{path}:{unit} {line}"
+    return Example(messages=FORMATS[name](row), source=where, format=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,37 +272,49 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any | RowProblem]]:
                 yield number, RowProblem(str(path), number, f"invalid JSON at column {e.colno}: {e.msg}")
 
 
-def read_examples(path: str | Path, fmt: str = "auto") -> ReadResult:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl (one JSON object per line)")
-    result = ReadResult()
-    for line, row in iter_jsonl(path):
+def iter_examples(path: str | Path, fmt: str = "auto", result: ReadResult | None = None
+                  ) -> Iterator[Example | RowProblem]:
+    """Stream a file, folder or dataset as examples and problems; counts go into `result`."""
+    from .files import iter_rows
+
+    result = result if result is not None else ReadResult()
+    for file, line, unit, row in iter_rows(path, result.ignored_files):
         result.rows += 1
         if isinstance(row, RowProblem):
-            result.problems.append(row)
+            yield row
             continue
         try:
-            example = row_to_example(row, fmt, str(path), line)
+            example = row_to_example(row, fmt, file, line, unit)
         except ValueError as e:
-            result.problems.append(RowProblem(str(path), line, str(e)))
+            yield RowProblem(file, line, str(e), unit)
             continue
-        result.examples.append(example)
         result.formats[example.format] = result.formats.get(example.format, 0) + 1
+        yield example
+
+
+def read_examples(path: str | Path, fmt: str = "auto") -> ReadResult:
+    result = ReadResult()
+    for item in iter_examples(path, fmt, result):
+        if isinstance(item, RowProblem):
+            result.problems.append(item)
+        else:
+            result.examples.append(item)
     return result
+
+
+def format_problems(path, problems: list[RowProblem], rows: int, max_listed: int = 10) -> str:
+    listed = "\n".join(f"  {p}" for p in problems[:max_listed])
+    more = len(problems) - max_listed
+    tail = f"\n  ... and {more} more" if more > 0 else ""
+    return f"{len(problems)} invalid row(s) in {path} (of {rows}); nothing was trained or written. " \
+           f"Fix these rows (or set data.on_error=skip to train on the valid ones):\n{listed}{tail}"
 
 
 def load_examples(path: str | Path, fmt: str = "auto", max_listed: int = 10) -> ReadResult:
     """Read a file and stop with every problem counted (the first few listed) if any row is bad."""
     result = read_examples(path, fmt)
     if result.problems:
-        listed = "\n".join(f"  {p}" for p in result.problems[:max_listed])
-        more = len(result.problems) - max_listed
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        raise DataError(f"{len(result.problems)} invalid row(s) in {path} (of {result.rows}); nothing was "
-                        f"trained or written. Fix these rows:\n{listed}{tail}")
+        raise DataError(format_problems(path, result.problems, result.rows, max_listed))
     if not result.examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return result

@@ -1,0 +1,185 @@
+"""Read + validate + tokenise a data source once; reuse the result while nothing it depends on changed.
+
+The key is a hash of: the data's bytes (every file of a folder), the tokenizer (vocabulary, added
+tokens), the chat template text, max_length, and every other encoding option. Any change gives a
+new key, so a stale cache can never be used. Entries are Arrow datasets (`save_to_disk`) written to
+a temporary folder and renamed into place, so a crash never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .records import Example, ReadResult, RowProblem, iter_examples
+from .tokenize import ChatEncoder, Encoded, Skipped
+
+CACHE_VERSION = "1"  # bump when the encoding rules change
+
+
+@dataclass
+class SourceData:
+    """One data source, read and encoded: valid examples, their encodings (parallel), and problems."""
+
+    spec: str
+    examples: list[Example]
+    encoded: list[Encoded | Skipped]
+    problems: list[RowProblem]
+    rows: int
+    formats: dict[str, int]
+    ignored_files: list[str] = field(default_factory=list)
+    key: str | None = None
+    cache_hit: bool = False
+
+
+def source_fingerprint(spec: str | Path) -> dict[str, Any]:
+    """A content hash of a file or of every file in a folder (paths relative to it), streamed."""
+    from .files import data_files, is_hub_name
+
+    if is_hub_name(spec):
+        return {"path": str(spec), "hub": True, "sha256": None}
+    root = Path(spec)
+    files = data_files(spec)
+    h = hashlib.sha256()
+    total, lines = 0, 0
+    for path in files:
+        fh = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                fh.update(block)
+                total += len(block)
+                lines += block.count(b"\n")
+        name = str(path.relative_to(root)) if root.is_dir() else path.name
+        h.update(f"{name}\0{fh.hexdigest()}\n".encode())
+    digest = h.hexdigest() if root.is_dir() else fh.hexdigest()
+    return {"path": str(spec), "sha256": digest, "bytes": total, "lines": lines, "files": len(files)}
+
+
+def encoder_key(encoder: ChatEncoder) -> dict[str, Any]:
+    from ..manifest import tokenizer_fingerprint
+
+    template = encoder.tokenizer.chat_template
+    return {
+        "tokenizer": tokenizer_fingerprint(encoder.tokenizer)["sha256"],
+        "template": hashlib.sha256((template if isinstance(template, str) else json.dumps(template)).encode()).hexdigest(),
+        "max_length": encoder.max_length,
+        "truncation": encoder.truncation,
+        "train_on": encoder.train_on,
+        "system_prompt": encoder.system_prompt,
+    }
+
+
+def cache_key(data_sha: str, encoder: ChatEncoder, fmt: str) -> tuple[str, dict[str, Any]]:
+    parts = {"version": CACHE_VERSION, "data": data_sha, "format": fmt, **encoder_key(encoder)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
+
+
+def cache_root() -> Path:
+    from ..models import cache_dir
+
+    return cache_dir() / "data"
+
+
+def read_source(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto") -> SourceData:
+    """Stream a source, validating every row and encoding every valid one."""
+    result = ReadResult()
+    examples, encoded, problems = [], [], []
+    for item in iter_examples(spec, fmt, result):
+        if isinstance(item, RowProblem):
+            problems.append(item)
+            continue
+        examples.append(item)
+    for i in range(0, len(examples), 256):
+        encoded += encoder.encode_many(examples[i:i + 256])
+    return SourceData(str(spec), examples, encoded, problems, result.rows, result.formats, result.ignored_files)
+
+
+def load_source(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", use_cache: bool = True) -> SourceData:
+    """`read_source`, through the cache when the source is local and caching is on."""
+    from .files import is_hub_name
+
+    if not use_cache or is_hub_name(spec):
+        return read_source(spec, encoder, fmt)
+    key, parts = cache_key(source_fingerprint(spec)["sha256"], encoder, fmt)
+    entry = cache_root() / key
+    if (entry / "meta.json").is_file():
+        try:
+            return _load(entry, spec, key)
+        except Exception:  # an unreadable entry is rebuilt, never trusted
+            shutil.rmtree(entry, ignore_errors=True)
+    data = read_source(spec, encoder, fmt)
+    data.key = key
+    _save(entry, data, parts)
+    return data
+
+
+def _features():
+    from datasets import Features, Sequence, Value
+
+    return Features({
+        "messages": Value("string"), "source": Value("string"), "format": Value("string"),
+        "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+        "truncated": Value("bool"), "full_length": Value("int32"), "skip_reason": Value("string"),
+    })
+
+
+def _save(entry: Path, data: SourceData, parts: dict[str, Any]) -> None:
+    from datasets import Dataset
+
+    columns: dict[str, list] = {k: [] for k in _features()}
+    for ex, enc in zip(data.examples, data.encoded):
+        columns["messages"].append(json.dumps(ex.messages, ensure_ascii=False))
+        columns["source"].append(ex.source)
+        columns["format"].append(ex.format)
+        ok = isinstance(enc, Encoded)
+        columns["input_ids"].append(enc.input_ids if ok else [])
+        columns["labels"].append(enc.labels if ok else [])
+        columns["truncated"].append(enc.truncated if ok else False)
+        columns["full_length"].append(enc.full_length if ok else 0)
+        columns["skip_reason"].append(None if ok else enc.reason)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+    try:
+        import datasets
+
+        quiet = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # a bar per cache write would drown the training log
+        try:
+            Dataset.from_dict(columns, features=_features()).save_to_disk(str(tmp / "rows"))
+        finally:
+            if not quiet:
+                datasets.enable_progress_bars()
+        meta = {"key": parts, "spec": data.spec, "rows": data.rows, "formats": data.formats,
+                "ignored_files": data.ignored_files, "problems": [p.__dict__ for p in data.problems]}
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        if entry.exists():  # another run wrote the same entry meanwhile: same key, same content
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load(entry: Path, spec, key: str) -> SourceData:
+    from datasets import load_from_disk
+
+    meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+    rows = load_from_disk(str(entry / "rows"))
+    examples, encoded = [], []
+    for r in rows:
+        examples.append(Example(json.loads(r["messages"]), r["source"], r["format"]))
+        if r["skip_reason"] is None:
+            encoded.append(Encoded(list(r["input_ids"]), list(r["labels"]), r["source"], r["truncated"],
+                                   r["full_length"]))
+        else:
+            encoded.append(Skipped(r["source"], r["skip_reason"]))
+    problems = [RowProblem(**p) for p in meta["problems"]]
+    return SourceData(str(spec), examples, encoded, problems, meta["rows"], meta["formats"],
+                      meta["ignored_files"], key, cache_hit=True)
