@@ -24,9 +24,10 @@ PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 METHODS = (*LORA_FAMILY, "adalora", "ia3", *PROMPT_METHODS, "full")
 
 # Peak learning rates that train well when only the method is switched (AdamW, cosine schedule).
-# Measured on SmolLM2-135M with benchmarks/methods_benchmark.py (loss after 20 steps) and on the
-# tiny test model; they follow the usual orders of magnitude: the papers use 3e-3 for IA3,
-# ~1e-2..3e-1 for prompt tuning, 1e-4..1e-3 for the LoRA family and 1e-5..5e-5 for full fine-tuning.
+# They follow the usual orders of magnitude (the papers use 3e-3 for IA3, ~1e-2..3e-1 for prompt
+# tuning, 1e-4..1e-3 for the LoRA family, 1e-5..5e-5 for full fine-tuning), and were checked, not
+# swept, on SmolLM2-135M: benchmarks/methods_benchmark.py runs 20 steps of each at its default and
+# records the loss before and after (benchmarks/results/methods.md).
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "lora": 1e-3,
     "qlora": 1e-3,
