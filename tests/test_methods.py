@@ -118,6 +118,10 @@ def test_full_finetune_writes_a_complete_model(runs, tiny_model_dir):
     assert len(changed) == len(base.state_dict())  # every weight trained
     assert tuned.lm_head.weight is tuned.model.embed_tokens.weight  # still tied after the round trip
     assert results["full"].report["base"]["eval_loss"] != results["full"].report["tuned"]["eval_loss"]
+    from llm_finetune.generate import load_for_inference
+
+    with pytest.raises(FileNotFoundError, match="complete model.*--model"):
+        load_for_inference(str(tiny_model_dir), str(out))
 
 
 RELOAD = textwrap.dedent("""
