@@ -476,3 +476,17 @@ def test_continue_from_an_existing_adapter(runs, tmp_path, tiny_model_dir):
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     with pytest.raises(MethodError, match="holds a LORA adapter"):
         run(_cfg(tmp_path, tiny_model_dir, "method.name=ia3", f"method.init_adapter={start}"))
+
+
+@pytest.mark.parametrize("name", ["qlora", "prompt_tuning"])
+def test_gradient_checkpointing_on_adapter_methods(tmp_path, tiny_model_dir, name):
+    """Checkpointing through a frozen (here 4-bit) base must still reach the adapter's parameters."""
+    from llm_finetune.train import run
+
+    cfg = _cfg(tmp_path, tiny_model_dir, f"method.name={name}", "train.gradient_checkpointing=true",
+               "train.max_steps=3", "train.warmup_ratio=0", "train.logging_steps=1",
+               f"train.learning_rate={ {'qlora': 1e-2, 'prompt_tuning': 1e-1}[name]}")
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    got = [r["loss"] for r in rows if "loss" in r]
+    assert len(got) == 3 and got[-1] < got[0]
