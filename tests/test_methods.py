@@ -282,6 +282,12 @@ def test_qlora_builds_4bit_nf4_layers(tiny_model_dir):
         state = layer.weight.quant_state
         assert state is not None and state.quant_type == "nf4" and state.nested  # double quantisation
         assert layer.weight.dtype == torch.uint8 and not layer.weight.requires_grad
+    # Parameter counts see through the packing (two 4-bit values per stored byte).
+    from transformers import AutoModelForCausalLM
+
+    plain = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    trainable, total = methods.count_parameters(model)
+    assert total - trainable == plain
     lora_a = [p for n, p in model.named_parameters() if "lora_A" in n]
     assert len(lora_a) == len(layers) and all(p.requires_grad and p.dtype == torch.float32 for p in lora_a)
 

@@ -434,9 +434,15 @@ def training_callbacks(model, method: str) -> list:
     return [AdaLoraRankAllocator()]
 
 
+def _numel(p) -> int:
+    # A 4-bit weight is stored packed, two values per byte; its quant_state keeps the real shape.
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None and hasattr(state, "shape") else p.numel()
+
+
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     return trainable, total
 
 
