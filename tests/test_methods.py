@@ -496,3 +496,14 @@ def test_gradient_checkpointing_on_adapter_methods(tmp_path, tiny_model_dir, nam
     rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     got = [r["loss"] for r in rows if "loss" in r]
     assert len(got) == 3 and got[-1] < got[0]
+
+
+def test_ia3_targets_and_feedforward_modules(tiny_model_dir):
+    from peft.tuners.ia3 import IA3Layer
+
+    model, _ = _build(tiny_model_dir, name="ia3")  # all-linear = IA3's recipe: k, v, and the MLP output
+    layers = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, IA3Layer)}
+    assert set(layers) == {"k_proj", "v_proj", "down_proj"}
+    assert layers["down_proj"].is_feedforward and not layers["k_proj"].is_feedforward
+    with pytest.raises(MethodError, match="subset"):
+        _build(tiny_model_dir, name="ia3", target_modules=["q_proj"], ia3_feedforward_modules=["down_proj"])
