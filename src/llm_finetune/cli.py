@@ -40,6 +40,11 @@ def _load_config(args):
 
 def cmd_train(args) -> int:
     cfg = _load_config(args)
+    if getattr(args, "dry_run", False):
+        from .plan import estimate, format_plan
+
+        print(format_plan(estimate(cfg, args.throughput)))
+        return 0
     from .train import run
 
     result = run(cfg)
@@ -145,6 +150,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p):
     _config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameters, memory, tokens and ETA from config.json alone; load no weights, train nothing")
+    p.add_argument("--throughput", type=float, metavar="TOKENS_PER_S",
+                   help="training throughput for the dry run's ETA (default: from a previous run in output.dir)")
 
 
 def _generate_args(p):

@@ -90,17 +90,78 @@ class DataConfig:
     shuffle_seed: int = _f(42, "Seed of the order of training examples.")
 
 
+MethodName = Literal["lora", "qlora", "dora", "rslora", "adalora", "ia3", "prompt_tuning", "prefix_tuning",
+                     "p_tuning", "full"]
+
+_LORA_FAMILY = ("lora", "qlora", "dora", "rslora")
+_PEFT = (*_LORA_FAMILY, "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
+_PROMPT = ("prompt_tuning", "prefix_tuning", "p_tuning")
+
+# Which method.* options each method reads. Setting one the chosen method ignores is an error, so a
+# config never silently carries a knob that does nothing (e.g. r=64 on prompt tuning).
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "name": (*_PEFT, "full"),
+    "r": _LORA_FAMILY,
+    "alpha": (*_LORA_FAMILY, "adalora"),
+    "dropout": (*_LORA_FAMILY, "adalora"),
+    "target_modules": (*_LORA_FAMILY, "adalora", "ia3"),
+    "modules_to_save": _PEFT,
+    "init_adapter": _PEFT,
+    "num_virtual_tokens": _PROMPT,
+    "prompt_init_text": ("prompt_tuning",),
+    "encoder_hidden_size": ("p_tuning",),
+    "adalora_init_r": ("adalora",),
+    "adalora_target_r": ("adalora",),
+    "adalora_tinit_ratio": ("adalora",),
+    "adalora_tfinal_ratio": ("adalora",),
+    "adalora_orth_reg_weight": ("adalora",),
+    "ia3_feedforward_modules": ("ia3",),
+}
+
+
 @dataclass
 class MethodConfig:
-    name: Literal["lora"] = _f("lora", "Fine-tuning method.")
-    r: int = _f(8, "LoRA rank.", min=1)
-    alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r.", min=0)
+    name: MethodName = _f(
+        "lora",
+        "Fine-tuning method: lora, qlora (lora on a 4-bit NF4 base), dora, rslora, adalora, ia3, prompt_tuning, "
+        "prefix_tuning, p_tuning, or full (every weight trained, no adapter).",
+    )
+    r: int = _f(8, "LoRA rank (lora, qlora, dora, rslora).", min=1)
+    alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) for rslora).", min=0)
     dropout: float = _f(0.1, "Dropout on the LoRA input.", min=0, max=1)
     target_modules: list[str] | str = _f(
         "all-linear", "Module names to adapt, or 'all-linear' (every linear layer but the output head)."
     )
     modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter.")
     init_adapter: str | None = _f(None, "Start from this existing adapter folder instead of a fresh one.")
+    num_virtual_tokens: int | None = _f(
+        None, "Learned virtual tokens (prompt_tuning, prefix_tuning, p_tuning); null = 20.", min=1)
+    prompt_init_text: str | None = _f(
+        None, "prompt_tuning: initialise the virtual tokens from this text's embeddings (null = random).")
+    encoder_hidden_size: int | None = _f(None, "p_tuning: hidden size of the prompt encoder MLP; null = model's.",
+                                         min=1)
+    adalora_init_r: int | None = _f(None, "adalora: starting rank of every adapted layer; null = 12.", min=1)
+    adalora_target_r: int | None = _f(None, "adalora: average rank left after pruning; null = 4.", min=1)
+    adalora_tinit_ratio: float | None = _f(
+        None, "adalora: fraction of steps trained before any rank is pruned; null = 0.1.", min=0, max=1)
+    adalora_tfinal_ratio: float | None = _f(
+        None, "adalora: fraction of final steps trained at the final ranks; null = 0.2.", min=0, max=1)
+    adalora_orth_reg_weight: float | None = _f(
+        None, "adalora: weight of the orthogonality regulariser added to the loss; null = 0.5.", min=0)
+    ia3_feedforward_modules: list[str] | None = _f(
+        None, "ia3: the target modules scaled on their input (feed-forward); null = the architecture's default.")
+
+    def validate(self, source: str, given: set[str]) -> None:
+        """Reject options the chosen method does not read (they would silently do nothing)."""
+        for key in sorted(given):
+            users = METHOD_OPTIONS.get(key, ())
+            if self.name not in users:
+                raise ConfigError(
+                    f"{source}: method.{key} does not apply to method.name={self.name!r} (it is read by: "
+                    f"{', '.join(users)}). Remove it, or choose one of those methods.")
+        if self.adalora_init_r and self.adalora_target_r and self.adalora_target_r > self.adalora_init_r:
+            raise ConfigError(f"{source}: method.adalora_target_r ({self.adalora_target_r}) must not exceed "
+                              f"method.adalora_init_r ({self.adalora_init_r}): pruning only removes ranks.")
 
 
 @dataclass
@@ -123,6 +184,11 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep at most this many intermediate checkpoints.", min=1)
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory.")
     num_threads: int | None = _f(None, "CPU threads for torch; null = all cores.", min=1)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = _f(
+        "adamw",
+        "Optimizer: adamw (torch), adamw_8bit (bitsandbytes, 8-bit states; runs on CPU too), paged_adamw_8bit / "
+        "paged_adamw_32bit (states paged to CPU memory under GPU pressure; CUDA only), adafactor, sgd.",
+    )
 
 
 @dataclass
@@ -243,7 +309,10 @@ def _build_section(cls, raw: Any, section: str, source: str):
             if "max" in meta and value > meta["max"]:
                 raise ConfigError(f"{where}: got {value!r}, must be at most {meta['max']}.")
         values[key] = value
-    return cls(**values)
+    section_obj = cls(**values)
+    if hasattr(section_obj, "validate"):
+        section_obj.validate(source, set(values))
+    return section_obj
 
 
 def from_dict(raw: Any, source: str = "<config>") -> RunConfig:

@@ -83,6 +83,8 @@ def eval_loss(model, encoded: list[Encoded], pad_token_id: int, batch_size: int 
         batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded[i:i + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        # Prompt tuning and p-tuning prepend their virtual tokens' positions to the logits.
+        logits = logits[:, -batch["labels"].shape[1]:]
         shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
@@ -138,10 +140,14 @@ def score_model(model, name: str, encoder: ChatEncoder, examples: list[Example],
 
 def compare_base_and_tuned(model, encoder: ChatEncoder, examples: list[Example], encoded: list[Encoded],
                            metric: str, max_new_tokens: int, batch_size: int,
-                           compare_base: bool = True) -> dict[str, Any]:
-    """Score the base (adapter disabled) and the tuned model on the same prompts and template."""
+                           compare_base: bool = True, base_model=None) -> dict[str, Any]:
+    """Score the base (adapter disabled, or `base_model` when given) and the tuned model on the same
+    prompts and template."""
     results = {}
-    if compare_base:
+    if compare_base and base_model is not None:
+        results["base"] = score_model(base_model, "base", encoder, examples, encoded, metric, max_new_tokens,
+                                      batch_size)
+    elif compare_base:
         ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
         with ctx:
             results["base"] = score_model(model, "base", encoder, examples, encoded, metric, max_new_tokens, batch_size)

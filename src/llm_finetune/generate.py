@@ -33,6 +33,9 @@ def load_for_inference(model_path: str = "default", adapter: str | None = None, 
         from peft import PeftModel
 
         if not (Path(adapter) / "adapter_config.json").is_file():
+            if (Path(adapter) / "config.json").is_file():  # what method.name=full writes
+                raise FileNotFoundError(f"{adapter}: a complete model (full fine-tuning), not an adapter; "
+                                        f"pass it as --model {adapter}")
             raise FileNotFoundError(f"{adapter}: not an adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()

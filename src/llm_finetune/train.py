@@ -113,6 +113,7 @@ def training_arguments(cfg: RunConfig, steps: int, learning_rate: float):
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
         activation_checkpointing=t.gradient_checkpointing,
+        optim=_optimizer_name(t.optimizer),
         use_cpu=not cuda,
         bf16=bf16,
         report_to="none",
@@ -138,6 +139,12 @@ def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
         raise
 
 
+def _optimizer_name(name: str) -> str:
+    from .methods import OPTIMIZERS
+
+    return OPTIMIZERS[name]
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -161,6 +168,9 @@ def run(cfg: RunConfig) -> RunResult:
     data = prepare_data(cfg, tokenizer)
     steps = plan_steps(cfg, data)
     learning_rate = cfg.train.learning_rate or methods.default_learning_rate(cfg.method.name)
+    # What this machine cannot run is refused here, before any weights are loaded or anything written.
+    method_notes = methods.preflight(cfg)
+    quantization = methods.effective_quantization(cfg.method.name, cfg.model.quantization)
     cfg.train.learning_rate = learning_rate  # the saved config is the resolved one
 
     log_path = setup_logging(logs_dir)
@@ -168,6 +178,8 @@ def run(cfg: RunConfig) -> RunResult:
              source.kind)
     for note in source.notes:
         log.info("model source: %s", note)
+    for note in method_notes:
+        log.info("method: %s", note)
     log.info("data: %d training examples kept of %d (%d truncated, %d skipped), %d tokens, %d trained tokens",
              data.train_stats.kept, data.train_stats.examples, data.train_stats.truncated,
              len(data.train_stats.skipped or []), data.train_stats.tokens, data.train_stats.trained_tokens)
@@ -190,11 +202,14 @@ def run(cfg: RunConfig) -> RunResult:
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
-    model = load_model(source, cfg.model.dtype, cfg.model.quantization, cfg.model.trust_remote_code,
+    model = load_model(source, cfg.model.dtype, quantization, cfg.model.trust_remote_code,
                        cfg.model.revision)
     if data.added_tokens:
         model.resize_token_embeddings(len(tokenizer))
-    model = methods.apply_method(model, cfg.method, trainable_token_indices=data.added_tokens or None)
+    model = methods.apply_method(model, cfg.method, total_steps=steps, tokenizer=tokenizer,
+                                 tokenizer_path=source.load_path,
+                                 gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                 trainable_token_indices=data.added_tokens or None)
     trainable, total = methods.count_parameters(model)
     log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
@@ -210,7 +225,8 @@ def run(cfg: RunConfig) -> RunResult:
         train_dataset=train_dataset,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[MetricsLogger(logs_dir / "metrics.jsonl", log)],
+        callbacks=[MetricsLogger(logs_dir / "metrics.jsonl", log),
+                   *methods.training_callbacks(model, cfg.method.name)],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
@@ -225,14 +241,22 @@ def run(cfg: RunConfig) -> RunResult:
         from .evaluate import compare_base_and_tuned, format_table
 
         e = cfg.eval
+        base_model = None
+        if cfg.method.name == "full" and e.compare_base:
+            # Full fine-tuning changed the weights in place: the base is a fresh copy from disk.
+            base_model = load_model(source, cfg.model.dtype, "none", cfg.model.trust_remote_code,
+                                    cfg.model.revision)
         report = compare_base_and_tuned(model, data.encoder, data.eval_examples, data.eval, e.metric,
-                                        e.max_new_tokens, e.batch_size, e.compare_base)
+                                        e.max_new_tokens, e.batch_size, e.compare_base, base_model=base_model)
+        del base_model
         log.info("evaluation on %s (%d examples):\n%s", cfg.data.eval_file, len(data.eval), format_table(report))
 
     # Save: the adapter folder describes itself and replaces the old one in one rename.
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "method": cfg.method.name,
+        "quantization": quantization,
+        "merge": methods.MERGE_NOTES[cfg.method.name],
         "model": source.to_dict(),
         "data": {**data.fingerprints, "train": data.train_stats.to_dict(), "eval_examples": len(data.eval),
                  "shuffle_seed": cfg.data.shuffle_seed, "template_end_of_turn": data.encoder.end_of_turn,
