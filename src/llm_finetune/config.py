@@ -121,7 +121,8 @@ class EvalConfig:
     compare_base: bool = _f(True, "Also evaluate the base model, for the base-vs-tuned table.")
     format: Literal["none", "json", "json_schema", "regex"] = _f(
         "none", "Format accuracy: is each answer valid JSON, valid against eval.schema, or a full match of eval.regex.")
-    schema: str | None = _f(None, "JSON Schema for eval.format=json_schema: a file path or inline JSON text.")
+    schema: str | dict | None = _f(
+        None, "JSON Schema for eval.format=json_schema: the schema object itself, or a path to a .json file.")
     regex: str | None = _f(None, "Regular expression the whole answer must match, for eval.format=regex.")
     consistency_samples: int = _f(
         0, "Consistency: sample this many answers per prompt and measure their agreement; 0 = off (costs k "
@@ -185,7 +186,8 @@ def _type_name(tp) -> str:
         return f"a list of {_type_name(get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            dict: "an object"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp, where: str) -> Any:
@@ -218,6 +220,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
             return float(value)
     elif tp is str:
         if isinstance(value, str):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
             return value
     raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}.")
 

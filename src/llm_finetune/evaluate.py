@@ -22,7 +22,8 @@ from .data.records import Example
 from .data.tokenize import IGNORE_INDEX, ChatEncoder, Encoded
 from .generate import Generation, generate_batch
 from .metrics import (BOOLEAN_METRICS, TEXT_METRICS, FormatChecker, agreement, difference, distribution,
-                      exact_match, json_match, mean_score, paired_bootstrap, rate, wilson_interval)
+                      exact_match, json_match, mean_score, paired_bootstrap, rate, token_weighted_difference,
+                      wilson_interval)
 
 __all__ = ["exact_match", "json_match", "wilson_interval", "paired_difference_interval", "eval_loss",
            "score_model", "compare_base_and_tuned", "compare_models", "format_table", "EvalOptions"]
@@ -51,10 +52,12 @@ class EvalOptions:
     top_changed: int = 5
 
 
-def load_schema(text_or_path: str, where: str = "eval.schema") -> dict:
-    """A JSON Schema given inline (text starting with '{') or as a file path."""
+def load_schema(text_or_path: str | dict, where: str = "eval.schema") -> dict:
+    """A JSON Schema given as an object, inline JSON text (starting with '{') or a file path."""
     from .config import ConfigError
 
+    if isinstance(text_or_path, dict):
+        return text_or_path
     text = text_or_path
     if not text_or_path.lstrip().startswith("{"):
         path = Path(text_or_path)
@@ -229,6 +232,7 @@ def score_model(model, name: str, encoder: ChatEncoder, examples: list[Example],
     per["tokens"] = [g.new_tokens for g in outputs]
     per["chars"] = [len(t) for t in texts]
     per["loss"] = [s / max(c, 1) for s, c in zip(sums, counts)]
+    per["loss_sum"], per["loss_tokens"] = sums, counts
 
     if opts.consistency_samples > 1:
         k = opts.consistency_samples
@@ -251,7 +255,8 @@ def _differences(before: ModelScores, after: ModelScores) -> dict[str, Any]:
             if k in before.per_example and k in after.per_example]
     out = {("stop_rate" if k == "stopped" else "answer_tokens" if k == "tokens" else "answer_chars"
             if k == "chars" else k): difference(before.per_example[k], after.per_example[k]) for k in keys}
-    out["eval_loss"] = {"value": after.loss["loss"] - before.loss["loss"], "n": len(before.hits)}
+    out["eval_loss"] = token_weighted_difference(before.per_example["loss_sum"], after.per_example["loss_sum"],
+                                                 before.per_example["loss_tokens"])
     return out
 
 
@@ -307,7 +312,7 @@ def compare_models(sides: dict[str, Callable[[], ContextManager]], model, encode
         diffs = _differences(before, after)
         head = diffs[before.metric]
         report["difference"] = {"score": head["value"], "ci95": head["ci95"], "eval_loss": diffs["eval_loss"]["value"],
-                                "metrics": diffs}
+                                "eval_loss_ci95": diffs["eval_loss"]["ci95"], "metrics": diffs}
         report["changed"] = _changed(examples, before, after, options.top_changed)
     if reg_results:
         reg = {name: s.to_dict() for name, s in reg_results.items()}
@@ -317,7 +322,8 @@ def compare_models(sides: dict[str, Callable[[], ContextManager]], model, encode
             before, after = reg_results.values()
             diffs = _differences(before, after)
             reg["difference"] = {"score": diffs["contains"]["value"], "ci95": diffs["contains"]["ci95"],
-                                 "eval_loss": diffs["eval_loss"]["value"], "metrics": diffs}
+                                 "eval_loss": diffs["eval_loss"]["value"],
+                                 "eval_loss_ci95": diffs["eval_loss"]["ci95"], "metrics": diffs}
         report["regression"] = reg
     return report
 

@@ -177,6 +177,23 @@ def paired_bootstrap(before: Sequence[float], after: Sequence[float], resamples:
     return bootstrap_mean_interval(diffs, resamples, seed, level)
 
 
+def token_weighted_difference(before_sums: Sequence[float], after_sums: Sequence[float], tokens: Sequence[int],
+                              resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Difference of two token-weighted mean losses on the same examples (same supervised tokens),
+    with a paired bootstrap over examples: each resample is sum(after - before) / sum(tokens)."""
+    import numpy as np
+
+    a, b, c = (np.asarray(x, dtype=float) for x in (before_sums, after_sums, tokens))
+    n = len(c)
+    value = float((b - a).sum() / max(c.sum(), 1))
+    if n == 0:
+        return {"value": 0.0, "n": 0, "ci95": [-math.inf, math.inf], "significant": False}
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    stats = (b - a)[idx].sum(axis=1) / np.maximum(c[idx].sum(axis=1), 1)
+    lo, hi = float(np.quantile(stats, (1 - level) / 2)), float(np.quantile(stats, (1 + level) / 2))
+    return {"value": value, "n": n, "ci95": [lo, hi], "significant": lo > 0 or hi < 0}
+
+
 def rate(hits: Sequence[bool]) -> dict[str, Any]:
     """A proportion with its sample size and 95% Wilson interval."""
     k, n = sum(bool(h) for h in hits), len(hits)

@@ -16,6 +16,7 @@ from .manifest import write_json
 ROWS = [
     ("exact_match", "exact match", "pct"),
     ("normalized_match", "normalised match", "pct"),
+    ("contains", "answer contains the reference", "pct"),
     ("json", "JSON with the reference's keys", "pct"),
     ("format", "format accuracy", "pct"),
     ("rougeL", "ROUGE-L F1", "pct"),
@@ -48,19 +49,26 @@ def _diff_cell(d: dict[str, Any], how: str) -> str:
     return f"{_fmt(d['value'], how, True)} [{_fmt(d['ci95'][0], how, True)}, {_fmt(d['ci95'][1], how, True)}]{mark}"
 
 
-def metric_rows(report: dict[str, Any], headline_only: bool = False) -> list[tuple[str, ...]]:
+def metric_rows(report: dict[str, Any], headline_only: bool = False,
+                only: tuple[str, ...] | None = None) -> list[tuple[str, ...]]:
     """(label, value per model..., difference) rows shared by the terminal and the markdown table."""
     names = _names(report)
     diffs = report.get("difference", {}).get("metrics", {})
     rows: list[tuple[str, ...]] = []
-    rows.append(("eval loss", *(f"{report[n]['eval_loss']:.3f}" for n in names),
-                 *([f"{report['difference']['eval_loss']:+.3f}"] if "difference" in report else [])))
+    loss_diff = []
+    if "difference" in report:
+        d = diffs.get("eval_loss") or {"value": report["difference"]["eval_loss"]}
+        ci = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{' *' if d.get('significant') else ''}" if "ci95" in d else ""
+        loss_diff = [f"{d['value']:+.3f}{ci}"]
+    rows.append(("eval loss (per token)", *(f"{report[n]['eval_loss']:.3f}" for n in names), *loss_diff))
     rows.append(("perplexity", *(f"{report[n]['perplexity']:.2f}" for n in names),
                  *(["" ] if "difference" in report else [])))
     headline = report[names[-1]]["metric"]
     keys = [(k, label, how) for k, label, how in ROWS if k in report[names[-1]].get("metrics", {})]
     if headline_only:
-        keys = [r for r in keys if r[0] in (headline, "format", "stop_rate")]
+        keys = [r for r in keys if r[0] in (headline, "chrf", "format", "stop_rate")]
+    if only:
+        keys = [r for r in keys if r[0] in only]
     for key, label, how in keys:
         label = f"{label} (headline)" if key == headline and not headline_only else label
         cells = [_cell(report[n]["metrics"][key], how) for n in names]
@@ -87,8 +95,10 @@ def summary_table(report: dict[str, Any]) -> str:
                      f"{d['ci95'][1]:+.1%}] (paired bootstrap); eval loss {d['eval_loss']:+.3f}")
     if "regression" in report and "difference" in report["regression"]:
         r = report["regression"]
+        lo, hi = r["difference"]["eval_loss_ci95"]
         lines.append(f"regression set ({r[names[-1]]['n']} general prompts): eval loss "
-                     f"{r[names[0]]['eval_loss']:.3f} -> {r[names[-1]]['eval_loss']:.3f}, answer contains the "
+                     f"{r[names[0]]['eval_loss']:.3f} -> {r[names[-1]]['eval_loss']:.3f} "
+                     f"({r['difference']['eval_loss']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]), answer contains the "
                      f"reference {r[names[0]]['score']:.0%} -> {r[names[-1]]['score']:.0%}")
     if "leaks" in report:
         from .leakage import format_leaks
@@ -104,15 +114,15 @@ def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(out)
 
 
-def markdown_table(report: dict[str, Any]) -> str:
+def markdown_table(report: dict[str, Any], only: tuple[str, ...] | None = None) -> str:
     """The full metric table in markdown: what goes into the adapter folder and the model card."""
     names = _names(report)
     header = ("metric", *names, *(["difference (95% CI)"] if "difference" in report else []))
     n = report[names[-1]]["n"]
-    note = (f"{n} held-out examples. Rates show (k/n) and a 95% Wilson interval; scores a 95% bootstrap "
+    note = (f"{n} examples. Rates show (k/n) and a 95% Wilson interval; scores a 95% bootstrap "
             "interval; differences are paired bootstrap intervals over the same examples, * where the "
             "interval excludes 0.")
-    return _md_table(header, metric_rows(report)) + "\n\n" + note + "\n"
+    return _md_table(header, metric_rows(report, only=only)) + "\n\n" + note + "\n"
 
 
 def _short(text: str, limit: int = 160) -> str:
@@ -159,15 +169,16 @@ def markdown_report(report: dict[str, Any]) -> str:
 
         leaks = report["leaks"]
         parts += ["## Leak check", "", format_leaks(leaks), ""]
-        for kind in ("exact", "normalized", "prompt"):
-            for hit in leaks[kind]["examples"]:
-                parts.append(f"- {kind}: eval {hit['eval']} = train {hit['train']}")
+        for hit in leaks["listed"]:
+            parts.append(f"- eval {hit['eval']} = train {hit['train']} ({hit['match']})")
         parts.append("")
     if "regression" in report:
         r = report["regression"]
         parts += ["## Regression set (general ability)", "",
                   "General prompts unrelated to the task: what the fine-tune cost elsewhere. Headline: the answer "
-                  "contains the reference.", "", markdown_table(r)]
+                  "contains the reference.", "",
+                  markdown_table(r, only=("contains", "normalized_match", "rougeL", "chrf", "stop_rate",
+                                          "answer_tokens"))]
     if "changed" in report:
         parts += ["## Examples that changed most", "", "### Improved", "",
                   _examples_md(report, report["changed"]["improved"]), "", "### Regressed", "",
