@@ -50,6 +50,8 @@ def cmd_train(args) -> int:
 
         print(f"\nBase vs tuned on {cfg.data.eval_file} ({result.report['tuned']['n']} examples):")
         print(format_table(result.report))
+        if cfg.eval.report:
+            print(f"report: {cfg.output.dir}/report.md (report.json, plots/)")
     print(f"\nadapter: {result.adapter_dir}   log: {cfg.output.logs_dir}/training.log   "
           f"wall time: {result.manifest['wall_time_s']:.0f} s")
     return 0
