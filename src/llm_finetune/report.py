@@ -130,6 +130,10 @@ def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _val(v: Any) -> str:
+    return ("yes" if v else "no") if isinstance(v, bool) else f"{v:.2f}"
+
+
 def _examples_md(report: dict[str, Any], indices: list[int]) -> str:
     names = _names(report)
     metric = report[names[-1]]["metric"]
@@ -137,8 +141,8 @@ def _examples_md(report: dict[str, Any], indices: list[int]) -> str:
     for i in indices:
         ex = report["examples"][i]
         rows.append((ex["source"], _short(ex["prompt"], 80), _short(ex["reference"], 80),
-                     *(f"{_short(ex[n]['prediction'], 80)} ({metric}={ex[n][metric]}, loss {ex[n]['loss']:.2f})"
-                       for n in names)))
+                     *(f"{_short(ex[n]['prediction'], 80)} ({metric} {_val(ex[n][metric])}, chrF "
+                       f"{ex[n]['chrf']:.2f}, loss {ex[n]['loss']:.2f})" for n in names)))
     return _md_table(("example", "prompt", "reference", *names), rows) if rows else "(none)"
 
 
