@@ -237,3 +237,22 @@ def test_shipped_regression_set_and_schema_are_valid():
     check = FormatChecker("json_schema", schema=schema)
     train = load_examples(ROOT / "data" / "train.jsonl").examples
     assert all(check(ex.answer) for ex in train[:50])  # the shipped answers satisfy the shipped schema
+
+
+def test_report_for_one_model_only(overfit, tmp_path):
+    """eval.compare_base=false leaves one side: the report has no difference column but is complete."""
+    from llm_finetune.report import summary_table, write_report
+
+    root, _, _ = overfit
+    report = json.loads((root / "checkpoints" / "report.json").read_text())
+    for key in ("base", "difference", "changed"):
+        report.pop(key)
+    report["order"] = ["tuned"]
+    for ex in report["examples"]:
+        ex.pop("base")
+    report.pop("regression")
+    paths = write_report(report, tmp_path, root / "logs" / "metrics.jsonl")
+    md = paths["md"].read_text()
+    assert "| metric | tuned |" in md and "difference" not in md.split("## Leak check")[0].lower()
+    assert "difference" not in summary_table(report) and "eval loss" in summary_table(report)
+    assert paths["metrics"].is_file() and paths["loss_curves"].is_file()

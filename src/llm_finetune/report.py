@@ -119,9 +119,9 @@ def markdown_table(report: dict[str, Any], only: tuple[str, ...] | None = None) 
     names = _names(report)
     header = ("metric", *names, *(["difference (95% CI)"] if "difference" in report else []))
     n = report[names[-1]]["n"]
-    note = (f"{n} examples. Rates show (k/n) and a 95% Wilson interval; scores a 95% bootstrap "
-            "interval; differences are paired bootstrap intervals over the same examples, * where the "
-            "interval excludes 0.")
+    note = f"{n} examples. Rates show (k/n) and a 95% Wilson interval; scores a 95% bootstrap interval."
+    if "difference" in report:
+        note += " Differences are paired bootstrap intervals over the same examples, * where the interval excludes 0."
     return _md_table(header, metric_rows(report, only=only)) + "\n\n" + note + "\n"
 
 
