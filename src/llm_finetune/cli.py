@@ -21,8 +21,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .methods import MethodError
     from .models import ModelSourceError
 
+    from .eval_run import EvalSetupError
+
     return (UserError, ConfigError, DataError, TemplateError, MethodError, ModelSourceError, FileNotFoundError,
-            FileExistsError)
+            FileExistsError, EvalSetupError)
 
 
 def _load_config(args):
@@ -53,6 +55,8 @@ def cmd_train(args) -> int:
 
         print(f"\nBase vs tuned on {cfg.data.eval_file} ({result.report['tuned']['n']} examples):")
         print(format_table(result.report))
+        if cfg.eval.report:
+            print(f"report: {cfg.output.dir}/report.md (report.json, plots/)")
     print(f"\nadapter: {result.adapter_dir}   log: {cfg.output.logs_dir}/training.log   "
           f"wall time: {result.manifest['wall_time_s']:.0f} s")
     return 0
@@ -71,6 +75,31 @@ def cmd_generate(args) -> int:
                      seed=args.seed)
     if not gen.stopped:
         print(f"[stopped at --max-new-tokens={args.max_new_tokens}]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+
+    # Without --config, an adapter evaluates with the config it was trained with (its eval file, metric,
+    # base model), which run_config.json in the adapter folder records.
+    saved = [Path(a) / "run_config.json" for a in args.adapter[-1:]]
+    if args.config is None and saved and saved[0].is_file():
+        cfg = load_config(saved[0], args.set)
+    else:
+        cfg = _load_config(args)
+    from .eval_run import run_eval
+    from .report import summary_table
+
+    report, paths = run_eval(cfg, args.adapter, args.against, args.eval_file, args.out)
+    names = report["order"]
+    print(f"\n{' vs '.join(names)} on {cfg.data.eval_file} ({report[names[-1]]['n']} examples):")
+    for n in names:
+        print(f"  {n}: {report['labels'][n]}")
+    print(summary_table(report))
+    print(f"\nreport: {paths['md']}  (and {paths['json'].name}, plots/)")
     return 0
 
 
@@ -167,6 +196,17 @@ def _generate_args(p):
     p.add_argument("--seed", type=int, default=None)
 
 
+def _eval_args(p):
+    _config_args(p)
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="adapter folder to evaluate (default: output.dir/adapter_name of the config); give it "
+                        "twice to compare two runs (the first is the baseline)")
+    p.add_argument("--against", metavar="DIR|base",
+                   help="baseline for the comparison: 'base' (the default) or another adapter folder")
+    p.add_argument("--eval-file", help="held-out JSONL (default: data.eval_file of the config)")
+    p.add_argument("--out", help="folder for report.md, report.json and plots/ (default: the adapter's run folder)")
+
+
 def _config_cmd_args(p):
     _config_args(p)
     p.add_argument("--keys", action="store_true", help="list every key with its type, default and help")
@@ -195,6 +235,7 @@ def _data_args(p):
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (cmd_train, _train_args, "fine-tune a model as the config says"),
     "generate": (cmd_generate, _generate_args, "answer one prompt, streamed (base model or with an adapter)"),
+    "eval": (cmd_eval, _eval_args, "evaluate base vs tuned (or two runs) on a held-out set and write the report"),
     "config": (cmd_config, _config_cmd_args, "print the resolved config, or every key with --keys"),
     "data": (cmd_data, _data_args, "the data doctor: `data check FILE` and `data preview FILE -n 3`"),
 }

@@ -189,6 +189,16 @@ class TrainConfig:
         "Optimizer: adamw (torch), adamw_8bit (bitsandbytes, 8-bit states; runs on CPU too), paged_adamw_8bit / "
         "paged_adamw_32bit (states paged to CPU memory under GPU pressure; CUDA only), adafactor, sgd.",
     )
+    eval_steps: int | None = _f(
+        None, "Compute the token-weighted eval loss on the held-out set every N steps (logged to metrics.jsonl "
+        "and TensorBoard); null = only after training.", min=1)
+    early_stopping_patience: int | None = _f(
+        None, "Stop when the eval loss has not improved for this many evaluations (needs train.eval_steps); "
+        "null = never stop early.", min=1)
+    early_stopping_threshold: float = _f(0.0, "Smallest eval-loss drop that counts as an improvement.", min=0)
+    load_best_at_end: bool = _f(
+        True, "With train.eval_steps: keep the checkpoint with the lowest eval loss, mark it "
+        "(best_checkpoint.json) and save it as the final adapter.")
 
 
 @dataclass
@@ -196,10 +206,26 @@ class EvalConfig:
     max_examples: int | None = _f(120, "Evaluate on at most this many eval rows (the first N).", min=1)
     max_new_tokens: int = _f(48, "Generation length cap for the task metric.", min=1)
     batch_size: int = _f(16, "Prompts generated together (left padded).", min=1)
-    metric: Literal["exact_match", "json"] = _f(
-        "exact_match", "Task metric: exact match of the answer, or JSON validity with the reference's keys."
+    metric: Literal["exact_match", "json", "normalized_match", "contains", "rougeL", "chrf"] = _f(
+        "exact_match", "Headline task metric: exact match of the answer, JSON validity with the reference's keys, "
+        "match after normalising case/spaces/punctuation, reference contained in the answer, ROUGE-L or chrF. "
+        "All are computed and reported; this one leads the table."
     )
     compare_base: bool = _f(True, "Also evaluate the base model, for the base-vs-tuned table.")
+    format: Literal["none", "json", "json_schema", "regex"] = _f(
+        "none", "Format accuracy: is each answer valid JSON, valid against eval.schema, or a full match of eval.regex.")
+    schema: str | dict | None = _f(
+        None, "JSON Schema for eval.format=json_schema: the schema object itself, or a path to a .json file.")
+    regex: str | None = _f(None, "Regular expression the whole answer must match, for eval.format=regex.")
+    consistency_samples: int = _f(
+        0, "Consistency: sample this many answers per prompt and measure their agreement; 0 = off (costs k "
+        "generations per prompt).", min=0)
+    consistency_temperature: float = _f(0.7, "Sampling temperature for the consistency samples.", min=0)
+    regression_file: str | None = _f(
+        None, "General prompts unrelated to the task (JSONL): loss and answers base vs tuned show what the "
+        "fine-tune cost in general ability; null = skip.")
+    top_changed: int = _f(5, "List this many examples that changed most, in each direction.", min=0)
+    report: bool = _f(True, "Write report.md, report.json and plots into output.dir after training.")
 
 
 @dataclass
@@ -208,6 +234,7 @@ class OutputConfig:
     logs_dir: str = _f("logs", "Folder of training.log and metrics.jsonl.")
     adapter_name: str = _f("adapter_model", "Name of the final artifact folder inside dir.")
     overwrite: bool = _f(True, "Replace a previous final artifact (written atomically).")
+    tensorboard: bool = _f(True, "Write TensorBoard event files under logs_dir/tensorboard.")
 
 
 @dataclass
@@ -252,7 +279,8 @@ def _type_name(tp) -> str:
         return f"a list of {_type_name(get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            dict: "an object"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp, where: str) -> Any:
@@ -285,6 +313,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
             return float(value)
     elif tp is str:
         if isinstance(value, str):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
             return value
     raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}.")
 

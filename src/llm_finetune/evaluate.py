@@ -1,99 +1,158 @@
-"""Did the fine-tune help? Eval loss and a task metric, base vs tuned, each rate with its interval."""
+"""Did the fine-tune help? Score two models (base and tuned, or any two adapters) on the same prompts.
+
+For each model: eval loss and perplexity on the supervised tokens, greedy answers scored by every
+metric in `metrics.py`, format accuracy, answer lengths, stop rate and (when asked) consistency of
+k sampled answers. Then the paired difference of each, with its interval, and the examples that
+changed most in both directions. `report.py` turns the result into report.md / report.json / plots.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, ContextManager
 
 import torch
 
 from .data.collate import PaddingCollator
-from .data.tokenize import IGNORE_INDEX, ChatEncoder, Encoded
 from .data.records import Example
-from .generate import generate_batch
+from .data.tokenize import IGNORE_INDEX, ChatEncoder, Encoded
+from .generate import Generation, generate_batch
+from .metrics import (BOOLEAN_METRICS, TEXT_METRICS, FormatChecker, agreement, difference, distribution,
+                      exact_match, json_match, mean_score, paired_bootstrap, rate, token_weighted_difference,
+                      wilson_interval)
 
-# ---------------------------------------------------------------------------------------------
-# Metrics: each takes (prediction, reference) and returns True/False.
+__all__ = ["exact_match", "json_match", "wilson_interval", "paired_difference_interval", "eval_loss",
+           "score_model", "compare_base_and_tuned", "compare_models", "format_table", "EvalOptions"]
 
-
-def exact_match(prediction: str, reference: str) -> bool:
-    return prediction.strip() == reference.strip()
-
-
-def json_match(prediction: str, reference: str) -> bool:
-    """Valid JSON object with exactly the reference's keys (the format is right, values aside)."""
-    try:
-        got = json.loads(prediction.strip())
-    except json.JSONDecodeError:
-        return False
-    try:
-        want = json.loads(reference)
-    except json.JSONDecodeError:
-        return isinstance(got, dict)
-    if isinstance(want, dict):
-        return isinstance(got, dict) and list(got) == list(want)
-    return type(got) is type(want)
-
-
-METRICS: dict[str, Callable[[str, str], bool]] = {"exact_match": exact_match, "json": json_match}
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion; well behaved at 0 and n, unlike the normal one."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+# The headline metric of the table (`eval.metric`); every metric is computed either way.
+METRICS: dict[str, Callable[[str, str], Any]] = dict(TEXT_METRICS)
 
 
 def paired_difference_interval(a: list[bool], b: list[bool], resamples: int = 2000, seed: int = 0,
                                level: float = 0.95) -> tuple[float, float]:
     """Bootstrap interval of mean(b) - mean(a) over the same examples (paired)."""
-    n = len(a)
-    if n == 0:
-        return (-1.0, 1.0)
-    rng = random.Random(seed)
-    diffs = [int(y) - int(x) for x, y in zip(a, b)]
-    stats = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    lo = stats[int((1 - level) / 2 * resamples)]
-    hi = stats[min(resamples - 1, int((1 + level) / 2 * resamples))]
-    return (lo, hi)
+    return paired_bootstrap(a, b, resamples, seed, level)
+
+
+@dataclass
+class EvalOptions:
+    """What to measure besides loss; built from the `eval` config section by `options_from_config`."""
+
+    metric: str = "exact_match"
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    format: FormatChecker | None = None
+    consistency_samples: int = 0
+    consistency_temperature: float = 0.7
+    seed: int = 0
+    top_changed: int = 5
+
+
+def load_schema(text_or_path: str | dict, where: str = "eval.schema") -> dict:
+    """A JSON Schema given as an object, inline JSON text (starting with '{') or a file path."""
+    from .config import ConfigError
+
+    if isinstance(text_or_path, dict):
+        return text_or_path
+    text = text_or_path
+    if not text_or_path.lstrip().startswith("{"):
+        path = Path(text_or_path)
+        if not path.is_file():
+            raise ConfigError(f"{where}: schema file not found: {path} (give a path or inline JSON)")
+        text = path.read_text(encoding="utf-8")
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: invalid JSON in the schema at line {e.lineno}: {e.msg}") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{where}: a JSON Schema must be an object")
+    return schema
+
+
+def options_from_config(e) -> EvalOptions:
+    """EvalConfig -> EvalOptions; a bad schema or regex is a ConfigError naming the key."""
+    import re
+
+    from .config import ConfigError
+
+    checker = None
+    fmt = getattr(e, "format", "none")
+    if fmt == "json_schema":
+        if not e.schema:
+            raise ConfigError("eval.format is 'json_schema' but eval.schema is not set: give a schema file path "
+                              "or inline JSON")
+        import jsonschema
+
+        try:
+            checker = FormatChecker("json_schema", schema=load_schema(e.schema))
+        except jsonschema.SchemaError as err:
+            raise ConfigError(f"eval.schema: not a valid JSON Schema: {err.message}") from None
+    elif fmt == "regex":
+        if not e.regex:
+            raise ConfigError("eval.format is 'regex' but eval.regex is not set, e.g. --set 'eval.regex=[A-D]'")
+        try:
+            checker = FormatChecker("regex", regex=e.regex)
+        except re.error as err:
+            raise ConfigError(f"eval.regex: invalid regular expression {e.regex!r}: {err}") from None
+    elif fmt == "json":
+        checker = FormatChecker("json")
+    return EvalOptions(metric=e.metric, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, format=checker,
+                       consistency_samples=getattr(e, "consistency_samples", 0),
+                       consistency_temperature=getattr(e, "consistency_temperature", 0.7),
+                       seed=getattr(e, "seed", 0), top_changed=getattr(e, "top_changed", 5))
 
 
 # ---------------------------------------------------------------------------------------------
-# Model evaluation
+# Loss
 
 
 @torch.no_grad()
-def eval_loss(model, encoded: list[Encoded], pad_token_id: int, batch_size: int = 16) -> dict[str, float]:
-    """Mean cross-entropy over supervised tokens (token-weighted, not batch-weighted), and perplexity."""
-    collate = PaddingCollator(pad_token_id)
+def example_losses(model, encoded: list[Encoded] | list[dict], pad_token_id: int, batch_size: int = 16,
+                   collate: Callable | None = None) -> tuple[list[float], list[int]]:
+    """Summed cross-entropy and supervised-token count of each example (for per-example deltas).
+
+    `encoded` holds `Encoded`s or feature dicts with input_ids and labels; `collate` defaults to the
+    training collator, so padding and masks are those the model trained with."""
+    collate = collate or PaddingCollator(pad_token_id)
+    features = [e if isinstance(e, dict) else {"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     was_training = model.training
     model.eval()
-    for i in range(0, len(encoded), batch_size):
-        batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in encoded[i:i + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        # Prompt tuning and p-tuning prepend their virtual tokens' positions to the logits.
-        logits = logits[:, -batch["labels"].shape[1]:]
-        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum")
-        total += loss.item()
-        count += int((shift_labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    mean = total / max(count, 1)
+    try:
+        for i in range(0, len(features), batch_size):
+            batch = collate(features[i:i + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            # Prompt tuning and p-tuning prepend their virtual tokens' positions to the logits.
+            logits = logits[:, -batch["labels"].shape[1]:]
+            shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+            sums.extend(loss.sum(dim=1).tolist())
+            counts.extend((shift_labels != IGNORE_INDEX).sum(dim=1).tolist())
+    finally:
+        model.train(was_training)
+    return sums, counts
+
+
+def eval_loss(model, encoded: list[Encoded] | list[dict], pad_token_id: int, batch_size: int = 16,
+              collate: Callable | None = None) -> dict[str, float]:
+    """Mean cross-entropy over supervised tokens (token-weighted, not batch-weighted), and perplexity."""
+    sums, counts = example_losses(model, encoded, pad_token_id, batch_size, collate)
+    count = sum(counts)
+    mean = sum(sums) / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count}
+
+
+# ---------------------------------------------------------------------------------------------
+# One model
 
 
 @dataclass
@@ -101,82 +160,209 @@ class ModelScores:
     name: str
     loss: dict[str, float]
     metric: str
-    hits: list[bool]
+    hits: list[Any]  # the headline metric per example (bool or 0..1 score)
     predictions: list[str]
     stop_rate: float
     extra: dict[str, Any] = field(default_factory=dict)
+    per_example: dict[str, list] = field(default_factory=dict)  # every metric, loss, lengths, stopped
 
     @property
     def rate(self) -> float:
-        return sum(self.hits) / max(len(self.hits), 1)
+        return sum(map(float, self.hits)) / max(len(self.hits), 1)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Every measured quantity as {value, n, ci95}: rates with Wilson intervals, scores bootstrapped."""
+        p = self.per_example
+        out: dict[str, dict[str, Any]] = {}
+        for name in TEXT_METRICS:
+            out[name] = rate(p[name]) if name in BOOLEAN_METRICS else mean_score(p[name])
+        if "format" in p:
+            out["format"] = rate(p["format"])
+        out["stop_rate"] = rate(p["stopped"])
+        out["answer_tokens"] = mean_score(p["tokens"])
+        out["answer_chars"] = mean_score(p["chars"])
+        if "consistency" in p:
+            out["consistency"] = mean_score(p["consistency"])
+            out["consistency_all_agree"] = rate([a == 1.0 for a in p["consistency"]])
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        lo, hi = wilson_interval(sum(self.hits), len(self.hits))
+        head = self.summary()[self.metric]
         return {"name": self.name, "eval_loss": self.loss["loss"], "perplexity": self.loss["perplexity"],
-                "loss_tokens": self.loss["tokens"], "metric": self.metric, "score": self.rate,
-                "correct": sum(self.hits), "n": len(self.hits), "ci95": [lo, hi], "stop_rate": self.stop_rate,
+                "loss_tokens": self.loss["tokens"], "metric": self.metric, "score": head["value"],
+                "correct": head.get("k"), "n": len(self.hits), "ci95": head["ci95"],
+                "stop_rate": self.stop_rate, "metrics": self.summary(),
+                "length": {"tokens": distribution(self.per_example["tokens"]),
+                           "chars": distribution(self.per_example["chars"])},
                 **self.extra}
 
 
-def score_model(model, name: str, encoder: ChatEncoder, examples: list[Example], encoded: list[Encoded],
-                metric: str = "exact_match", max_new_tokens: int = 48, batch_size: int = 16) -> ModelScores:
-    tokenizer = encoder.tokenizer
-    loss = eval_loss(model, encoded, tokenizer.pad_token_id, batch_size)
-    prompts = [encoder.encode_prompt(ex.prompt_messages) for ex in examples]
+def _generate_all(model, encoder: ChatEncoder, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                  **sampling) -> list[Generation]:
     # Similar lengths together: less padding. Results go back to the original order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[Any] = [None] * len(prompts)
     for i in range(0, len(order), batch_size):
         chunk = order[i:i + batch_size]
-        gens = generate_batch(model, tokenizer, [prompts[j] for j in chunk], encoder.generation_eos_ids(),
-                              max_new_tokens=max_new_tokens)
+        gens = generate_batch(model, encoder.tokenizer, [prompts[j] for j in chunk], encoder.generation_eos_ids(),
+                              max_new_tokens=max_new_tokens, **sampling)
         for j, g in zip(chunk, gens):
             outputs[j] = g
-    check = METRICS[metric]
-    hits = [check(g.text, ex.answer) for g, ex in zip(outputs, examples)]
-    stop_rate = sum(g.stopped for g in outputs) / max(len(outputs), 1)
-    return ModelScores(name, loss, metric, hits, [g.text for g in outputs], stop_rate)
+    return outputs
 
 
-def compare_base_and_tuned(model, encoder: ChatEncoder, examples: list[Example], encoded: list[Encoded],
-                           metric: str, max_new_tokens: int, batch_size: int,
-                           compare_base: bool = True, base_model=None) -> dict[str, Any]:
-    """Score the base (adapter disabled, or `base_model` when given) and the tuned model on the same
-    prompts and template."""
-    results = {}
-    if compare_base and base_model is not None:
-        results["base"] = score_model(base_model, "base", encoder, examples, encoded, metric, max_new_tokens,
-                                      batch_size)
-    elif compare_base:
-        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-        with ctx:
-            results["base"] = score_model(model, "base", encoder, examples, encoded, metric, max_new_tokens, batch_size)
-    results["tuned"] = score_model(model, "tuned", encoder, examples, encoded, metric, max_new_tokens, batch_size)
+def score_model(model, name: str, encoder: ChatEncoder, examples: list[Example], encoded: list[Encoded],
+                metric: str = "exact_match", max_new_tokens: int = 48, batch_size: int = 16,
+                options: EvalOptions | None = None) -> ModelScores:
+    opts = options or EvalOptions(metric=metric, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if opts.metric not in METRICS:
+        raise ValueError(f"unknown metric {opts.metric!r}; choose one of {', '.join(METRICS)}")
+    tokenizer = encoder.tokenizer
+    sums, counts = example_losses(model, encoded, tokenizer.pad_token_id, opts.batch_size)
+    total = sum(counts)
+    mean = sum(sums) / max(total, 1)
+    loss = {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": total}
+
+    prompts = [encoder.encode_prompt(ex.prompt_messages) for ex in examples]
+    outputs = _generate_all(model, encoder, prompts, opts.max_new_tokens, opts.batch_size)
+    texts = [g.text for g in outputs]
+    per: dict[str, list] = {name_: [fn(t, ex.answer) for t, ex in zip(texts, examples)]
+                            for name_, fn in TEXT_METRICS.items()}
+    if opts.format is not None:
+        per["format"] = [opts.format(t) for t in texts]
+    per["stopped"] = [g.stopped for g in outputs]
+    per["tokens"] = [g.new_tokens for g in outputs]
+    per["chars"] = [len(t) for t in texts]
+    per["loss"] = [s / max(c, 1) for s, c in zip(sums, counts)]
+    per["loss_sum"], per["loss_tokens"] = sums, counts
+
+    if opts.consistency_samples > 1:
+        k = opts.consistency_samples
+        sampled = _generate_all(model, encoder, [p for p in prompts for _ in range(k)], opts.max_new_tokens,
+                                opts.batch_size, do_sample=True, temperature=opts.consistency_temperature,
+                                seed=opts.seed)
+        per["consistency"] = [agreement([g.text for g in sampled[i * k:(i + 1) * k]]) for i in range(len(prompts))]
+        per["samples"] = [[g.text for g in sampled[i * k:(i + 1) * k]] for i in range(len(prompts))]
+
+    stop_rate = sum(per["stopped"]) / max(len(outputs), 1)
+    return ModelScores(name, loss, opts.metric, per[opts.metric], texts, stop_rate, per_example=per)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two models
+
+
+def _differences(before: ModelScores, after: ModelScores) -> dict[str, Any]:
+    keys = [k for k in (*TEXT_METRICS, "format", "stopped", "tokens", "chars", "consistency")
+            if k in before.per_example and k in after.per_example]
+    out = {("stop_rate" if k == "stopped" else "answer_tokens" if k == "tokens" else "answer_chars"
+            if k == "chars" else k): difference(before.per_example[k], after.per_example[k]) for k in keys}
+    out["eval_loss"] = token_weighted_difference(before.per_example["loss_sum"], after.per_example["loss_sum"],
+                                                 before.per_example["loss_tokens"])
+    return out
+
+
+def _changed(examples: list[Example], before: ModelScores, after: ModelScores, top: int) -> dict[str, list]:
+    """Examples ranked by the change in the headline metric, then chrF, then per-example loss."""
+    m = before.metric
+    rows = []
+    for i, ex in enumerate(examples):
+        pb, pa = before.per_example, after.per_example
+        delta = (float(pa[m][i]) - float(pb[m][i]), pa["chrf"][i] - pb["chrf"][i], pb["loss"][i] - pa["loss"][i])
+        rows.append((delta, i))
+    improved = [i for d, i in sorted(rows, key=lambda r: r[0], reverse=True) if d > (0, 0, 0)][:top]
+    regressed = [i for d, i in sorted(rows, key=lambda r: r[0]) if d < (0, 0, 0)][:top]
+    return {"improved": improved, "regressed": regressed}
+
+
+def _example_rows(examples: list[Example], results: dict[str, ModelScores]) -> list[dict[str, Any]]:
+    rows = []
+    for i, ex in enumerate(examples):
+        prompt = ex.prompt_messages[-1]["content"] if ex.prompt_messages else ""
+        row: dict[str, Any] = {"source": ex.source, "prompt": prompt, "reference": ex.answer}
+        for name, s in results.items():
+            p = s.per_example
+            row[name] = {"prediction": s.predictions[i], s.metric: p[s.metric][i], "chrf": round(p["chrf"][i], 4),
+                         "loss": round(p["loss"][i], 4), "tokens": p["tokens"][i], "stopped": p["stopped"][i]}
+            if "format" in p:
+                row[name]["format"] = p["format"][i]
+            if "samples" in p:
+                row[name]["samples"] = p["samples"][i]
+        rows.append(row)
+    return rows
+
+
+def compare_models(sides: dict[str, Callable[[], ContextManager]], model, encoder: ChatEncoder,
+                   examples: list[Example], encoded: list[Encoded], options: EvalOptions,
+                   regression: tuple[list[Example], list[Encoded]] | None = None) -> dict[str, Any]:
+    """Score each side (a name and a context that switches the model to it) on the same prompts and
+    template. With two sides the first is 'before' and the second 'after' in every difference."""
+    results: dict[str, ModelScores] = {}
+    reg_results: dict[str, ModelScores] = {}
+    for name, ctx in sides.items():
+        with ctx() as chosen:  # a context may yield another model to score (a separate base copy)
+            target = chosen if chosen is not None else model
+            results[name] = score_model(target, name, encoder, examples, encoded, options=options)
+            if regression and regression[0]:
+                reg_opts = EvalOptions(metric="contains", max_new_tokens=options.max_new_tokens,
+                                       batch_size=options.batch_size, seed=options.seed)
+                reg_results[name] = score_model(target, name, encoder, *regression, options=reg_opts)
     report: dict[str, Any] = {name: s.to_dict() for name, s in results.items()}
-    if "base" in results:
-        lo, hi = paired_difference_interval(results["base"].hits, results["tuned"].hits)
-        report["difference"] = {"score": results["tuned"].rate - results["base"].rate, "ci95": [lo, hi],
-                                "eval_loss": results["tuned"].loss["loss"] - results["base"].loss["loss"]}
-    report["examples"] = [
-        {"source": ex.source, "reference": ex.answer, **{name: s.predictions[i] for name, s in results.items()}}
-        for i, ex in enumerate(examples)
-    ]
+    report["order"] = list(results)
+    report["examples"] = _example_rows(examples, results)
+    if len(results) == 2:
+        before, after = results.values()
+        diffs = _differences(before, after)
+        head = diffs[before.metric]
+        report["difference"] = {"score": head["value"], "ci95": head["ci95"], "eval_loss": diffs["eval_loss"]["value"],
+                                "eval_loss_ci95": diffs["eval_loss"]["ci95"], "metrics": diffs}
+        report["changed"] = _changed(examples, before, after, options.top_changed)
+    if reg_results:
+        reg = {name: s.to_dict() for name, s in reg_results.items()}
+        reg["order"] = list(reg_results)
+        reg["examples"] = _example_rows(regression[0], reg_results)
+        if len(reg_results) == 2:
+            before, after = reg_results.values()
+            diffs = _differences(before, after)
+            reg["difference"] = {"score": diffs["contains"]["value"], "ci95": diffs["contains"]["ci95"],
+                                 "eval_loss": diffs["eval_loss"]["value"],
+                                 "eval_loss_ci95": diffs["eval_loss"]["ci95"], "metrics": diffs}
+        report["regression"] = reg
     return report
 
 
+def compare_base_and_tuned(model, encoder: ChatEncoder, examples: list[Example], encoded: list[Encoded],
+                           metric: str = "exact_match", max_new_tokens: int = 48, batch_size: int = 16,
+                           compare_base: bool = True, options: EvalOptions | None = None,
+                           regression: tuple[list[Example], list[Encoded]] | None = None,
+                           base_model=None) -> dict[str, Any]:
+    """Score the base (adapter disabled, or `base_model` when given, e.g. after full fine-tuning) and
+    the tuned model on the same prompts and template."""
+    opts = options or EvalOptions(metric=metric, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    sides: dict[str, Callable[[], ContextManager]] = {}
+    if compare_base and base_model is not None:
+        sides["base"] = lambda: nullcontext(base_model)
+    elif compare_base:
+        sides["base"] = lambda: model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    sides["tuned"] = nullcontext
+    return compare_models(sides, model, encoder, examples, encoded, opts, regression)
+
+
 def format_table(report: dict[str, Any]) -> str:
-    names = [n for n in ("base", "tuned") if n in report]
-    metric = report[names[-1]]["metric"]
-    rows = [("", *names)]
-    rows.append(("eval loss", *(f"{report[n]['eval_loss']:.3f}" for n in names)))
-    rows.append(("perplexity", *(f"{report[n]['perplexity']:.2f}" for n in names)))
-    rows.append((metric, *(f"{report[n]['score']:.1%} ({report[n]['correct']}/{report[n]['n']})" for n in names)))
-    rows.append(("  95% CI", *(f"[{report[n]['ci95'][0]:.1%}, {report[n]['ci95'][1]:.1%}]" for n in names)))
-    rows.append(("stopped by EOS", *(f"{report[n]['stop_rate']:.1%}" for n in names)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    if "difference" in report:
-        d = report["difference"]
-        lines.append(f"tuned - base {metric}: {d['score']:+.1%}, 95% CI [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}] "
-                     f"(paired bootstrap); eval loss {d['eval_loss']:+.3f}")
-    return "\n".join(lines)
+    """The short terminal summary (the full one is report.md)."""
+    from .report import summary_table
+
+    return summary_table(report)
+
+
+def load_eval_set(path: str, encoder: ChatEncoder, fmt: str = "auto", max_examples: int | None = None
+                  ) -> tuple[list[Example], list[Encoded]]:
+    """Read and encode an eval-style file (held-out or regression set); rows too long are left out."""
+    from .data.records import load_examples
+
+    rows = load_examples(path, fmt).examples
+    if max_examples:
+        rows = rows[:max_examples]
+    pairs = [(ex, encoder.encode(ex)) for ex in rows]
+    kept = [(ex, e) for ex, e in pairs if isinstance(e, Encoded)]
+    return [ex for ex, _ in kept], [e for _, e in kept]

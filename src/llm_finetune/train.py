@@ -87,7 +87,7 @@ def plan_steps(cfg: RunConfig, data: PreparedData) -> int:
     return max(1, math.ceil(len(data.train) * t.epochs / per_step))
 
 
-def training_arguments(cfg: RunConfig, steps: int, learning_rate: float):
+def training_arguments(cfg: RunConfig, steps: int, learning_rate: float, extra: dict[str, Any] | None = None):
     import torch
     from transformers import TrainingArguments
 
@@ -96,7 +96,7 @@ def training_arguments(cfg: RunConfig, steps: int, learning_rate: float):
     from .models import pick_dtype
 
     bf16 = cuda and pick_dtype(cfg.model.dtype) == torch.bfloat16
-    return TrainingArguments(
+    args = dict(
         output_dir=cfg.output.dir,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -122,6 +122,8 @@ def training_arguments(cfg: RunConfig, steps: int, learning_rate: float):
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
     )
+    args.update(extra or {})  # e.g. evaluation every N steps (train_eval.training_arguments_overrides)
+    return TrainingArguments(**args)
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -173,6 +175,15 @@ def run(cfg: RunConfig) -> RunResult:
     quantization = methods.effective_quantization(cfg.method.name, cfg.model.quantization)
     cfg.train.learning_rate = learning_rate  # the saved config is the resolved one
 
+    # Evaluation settings and the regression set are checked here too, before anything is written.
+    from . import train_eval
+    from .evaluate import load_eval_set, options_from_config
+
+    train_eval.check_settings(cfg, bool(data.eval))
+    eval_options = options_from_config(cfg.eval)
+    regression = (load_eval_set(cfg.eval.regression_file, data.encoder, cfg.data.format)
+                  if cfg.eval.regression_file and data.eval else None)
+
     log_path = setup_logging(logs_dir)
     log.info("llm-finetune run: method=%s model=%s (%s)", cfg.method.name, source.hub_id or source.load_path,
              source.kind)
@@ -219,13 +230,19 @@ def run(cfg: RunConfig) -> RunResult:
 
     train_dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in data.train],
                                        "labels": [e.labels for e in data.train]})
-    trainer = Trainer(
+    eval_dataset = None
+    if cfg.train.eval_steps and data.eval:
+        eval_dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in data.eval],
+                                          "labels": [e.labels for e in data.eval]})
+    trainer = train_eval.token_weighted_eval(Trainer)(
         model=model,
-        args=training_arguments(cfg, steps, learning_rate),
+        args=training_arguments(cfg, steps, learning_rate,
+                                train_eval.training_arguments_overrides(cfg, eval_dataset is not None)),
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[MetricsLogger(logs_dir / "metrics.jsonl", log),
+        callbacks=[MetricsLogger(logs_dir / "metrics.jsonl", log), *train_eval.training_callbacks(cfg, logs_dir),
                    *methods.training_callbacks(model, cfg.method.name)],
     )
     trainer.remove_callback(ProgressCallback)
@@ -234,11 +251,16 @@ def run(cfg: RunConfig) -> RunResult:
     tokens_seen = int(trainer.state.num_input_tokens_seen)
     log.info("training done: %d steps, final loss %.4f, %d tokens seen, %.0f s",
              trainer.state.global_step, train_output.training_loss, tokens_seen, train_output.metrics["train_runtime"])
+    best = train_eval.mark_best_checkpoint(trainer, out_dir)
+    if best:
+        log.info("best checkpoint: %s (step %s, eval loss %.4f)%s", best["checkpoint"], best["step"],
+                 best["eval_loss"], "; it is the final adapter" if best["final_adapter_is_best"] else "")
 
     # Evaluate base vs tuned on the held-out set.
     report = None
     if data.eval:
         from .evaluate import compare_base_and_tuned, format_table
+        from .report import add_context, write_report
 
         e = cfg.eval
         base_model = None
@@ -247,8 +269,13 @@ def run(cfg: RunConfig) -> RunResult:
             base_model = load_model(source, cfg.model.dtype, "none", cfg.model.trust_remote_code,
                                     cfg.model.revision)
         report = compare_base_and_tuned(model, data.encoder, data.eval_examples, data.eval, e.metric,
-                                        e.max_new_tokens, e.batch_size, e.compare_base, base_model=base_model)
+                                        e.max_new_tokens, e.batch_size, e.compare_base, eval_options, regression,
+                                        base_model=base_model)
         del base_model
+        add_context(report, cfg, data.eval_examples, source, best)
+        if e.report:
+            paths = write_report(report, out_dir, logs_dir / "metrics.jsonl")
+            log.info("report written to %s", paths["md"])
         log.info("evaluation on %s (%d examples):\n%s", cfg.data.eval_file, len(data.eval), format_table(report))
 
     # Save: the adapter folder describes itself and replaces the old one in one rename.
@@ -267,7 +294,8 @@ def run(cfg: RunConfig) -> RunResult:
                      "train_runtime_s": train_output.metrics["train_runtime"]},
         "wall_time_s": round(time.time() - started, 1),
         "versions": package_versions(),
-        "evaluation": {k: v for k, v in (report or {}).items() if k != "examples"} or None,
+        "evaluation": {k: v for k, v in (report or {}).items() if k not in ("examples", "regression")} or None,
+        "best_checkpoint": best,
     }
     adapter_dir = out_dir / cfg.output.adapter_name
     with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
@@ -279,6 +307,9 @@ def run(cfg: RunConfig) -> RunResult:
         write_json(tmp / "run_manifest.json", manifest)
         if report:
             write_json(tmp / "eval_report.json", report)
+            from .report import markdown_table
+
+            (tmp / "eval_report.md").write_text(markdown_table(report), encoding="utf-8")  # for the model card
     write_json(out_dir / "run_manifest.json", manifest)
     log.info("adapter written to %s; log in %s; wall time %.0f s", adapter_dir, log_path, manifest["wall_time_s"])
     return RunResult(adapter_dir, manifest, report)
