@@ -155,6 +155,9 @@ def test_export_check_catches_wrong_rope_layout(setup, tmp_path, monkeypatch, ca
 def test_modelfile_for_llama3_template(llama3_tokenizer):
     text = export.ollama_modelfile(llama3_tokenizer, "m.gguf")
     assert 'PARAMETER stop "<|eot_id|>"' in text
+    # {{ bos_token }} opens the conversation once, outside the per-message branches; this tokenizer does not
+    # add BOS by itself (tokenizer.ggml.add_bos_token false), so the template must write it.
+    assert 'TEMPLATE """<|begin_of_text|>{{ range .Messages }}' in text and text.count("<|begin_of_text|>") == 1
     assert "<|start_header_id|>assistant<|end_header_id|>\n\n" in text
 
 
@@ -187,6 +190,13 @@ def test_gguf_metadata_matches_shipped_default_key_by_key(tmp_path, capsys):
         assert ours[key][1] == ref[key][1], key
     assert ours["general.file_type"][1] == int(gguf.LlamaFileType.MOSTLY_F16)
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(str(out)).tensors}
+
+    # SmolLM's template injects a default system prompt: it becomes the Modelfile's SYSTEM.
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert modelfile.startswith('FROM ./tiny.gguf\nTEMPLATE """{{ range .Messages }}{{ if eq .Role "system" }}'
+                                "<|im_start|>system\n{{ .Content }}<|im_end|>\n")
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
 def test_llama_cpp_tokenises_like_transformers(setup):

@@ -596,8 +596,10 @@ def _split_template(tokenizer) -> dict[str, Any]:
     ast_m = {"role": "assistant", "content": _MARK["assistant"]}
     # A template may open with the BOS token ({{ bos_token }}, as Llama 3's does): that belongs to the
     # conversation, not to the first message.
+    # Only when the template really writes bos_token: SmolLM's BOS is <|im_start|>, which opens every turn.
     bos = tokenizer.bos_token or ""
-    head = bos if bos and render([sys_m]).startswith(bos) and render([usr_m]).startswith(bos) else ""
+    source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    head = bos if bos and "bos_token" in source and render([sys_m]).startswith(bos) else ""
 
     def render_body(msgs, gen=False):
         return render(msgs, gen)[len(head):]
