@@ -23,8 +23,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from .eval_run import EvalSetupError
 
-    return (UserError, ConfigError, DataError, TemplateError, MethodError, ModelSourceError, FileNotFoundError,
-            FileExistsError, EvalSetupError)
+    errors = (UserError, ConfigError, DataError, TemplateError, MethodError, ModelSourceError, FileNotFoundError,
+              FileExistsError, EvalSetupError)
+    return errors + _result_errors()
+
+
+def _result_errors() -> tuple[type[BaseException], ...]:
+    from .export import ExportError
+    from .hub import HubError
+
+    return (ExportError, HubError)
 
 
 def _load_config(args):
@@ -64,15 +72,16 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from .data.tokenize import ChatEncoder
-    from .generate import load_for_inference, stream_one
+    from .generate import base_for, load_for_inference, stream_one
 
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    sampling = _sampling(args)
+    model, tokenizer = load_for_inference(base_for(args.model, args.adapter), args.adapter)
     encoder = ChatEncoder(tokenizer, system_prompt=args.system)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("empty prompt: pass it as an argument or on stdin")
     ids = encoder.encode_prompt([{"role": "user", "content": prompt}])
-    gen = stream_one(model, tokenizer, ids, encoder.generation_eos_ids(), max_new_tokens=args.max_new_tokens,
-                     do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
-                     seed=args.seed)
+    gen = stream_one(model, tokenizer, ids, encoder.generation_eos_ids(), **sampling.kwargs())
     if not gen.stopped:
         print(f"[stopped at --max-new-tokens={args.max_new_tokens}]", file=sys.stderr)
     return 0
@@ -100,6 +109,103 @@ def cmd_eval(args) -> int:
         print(f"  {n}: {report['labels'][n]}")
     print(summary_table(report))
     print(f"\nreport: {paths['md']}  (and {paths['json'].name}, plots/)")
+    return 0
+
+
+def _sampling(args):
+    from .generate import Sampling
+
+    try:
+        return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed).check()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_chat(args) -> int:
+    from .data.tokenize import ChatEncoder
+    from .generate import base_for, chat_loop, load_for_inference
+
+    sampling = _sampling(args)
+    model, tokenizer = load_for_inference(base_for(args.model, args.adapter), args.adapter)
+    encoder = ChatEncoder(tokenizer, system_prompt=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: type a message; /reset forgets the conversation, /exit ends it.")
+    chat_loop(model, tokenizer, encoder, sys.stdin, sampling=sampling, interactive=interactive)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .data.records import load_prompts
+    from .data.tokenize import ChatEncoder
+    from .generate import base_for, load_for_inference, predict_file
+
+    sampling = _sampling(args)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite or choose another --out")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prompts = load_prompts(args.input, args.format)  # every row checked before the model is loaded
+    model, tokenizer = load_for_inference(base_for(args.model, args.adapter), args.adapter)
+    encoder = ChatEncoder(tokenizer, system_prompt=args.system)
+    n = predict_file(model, tokenizer, encoder, prompts, args.out, args.batch_size, sampling)
+    print(f"{n} predictions written to {args.out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import plan_push, push
+
+    plan = plan_push(args.artifact, args.repo)
+    print(("would upload " if args.dry_run else "uploading ") + plan.listing())
+    if args.dry_run:
+        print("\n--- model card (README.md) ---\n" + plan.card)
+        return 0
+    url = push(plan, private=args.private, revision=args.revision)
+    print(f"pushed: {url}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .scaffold import init_project
+
+    written = init_project(args.dir, force=args.force)
+    print(f"new project in {args.dir}:")
+    for path in written:
+        print(f"  {path}")
+    print(f"\nnext: cd {args.dir} && python scripts/run_finetune.py --config config/lora_config.json")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .export import merge
+
+    result = merge(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
+    print(result.check.line())
+    print(f"tied embeddings: {'kept tied' if result.tied else 'not tied in the base'}")
+    print(f"merged model: {result.out_dir}  (base {result.base}; loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_gguf
+
+    if args.format != "gguf":
+        raise UserError(f"--format {args.format}: only gguf is supported")
+    if not args.adapter and not args.model:
+        raise UserError("pass --adapter (merged into its base first) or --model (export a base model as it is)")
+    result = export_gguf(args.out, adapter=args.adapter, model=args.model, qtype=args.type,
+                         verify=not args.no_verify, overwrite=args.overwrite, tokenizer_pre=args.tokenizer_pre,
+                         modelfile=not args.no_modelfile)
+    if result.check:
+        print(result.check.line())
+    else:
+        print("not verified (--no-verify)")
+    if result.fallback_f16:
+        print(f"kept in F16 (rows not a multiple of 32): {', '.join(result.fallback_f16)}")
+    print(f"GGUF ({result.qtype}, {result.tensors} tensors): {result.path}  ({result.path.stat().st_size / 1e6:.1f} MB)")
+    if result.modelfile:
+        print(f"Ollama: {result.modelfile}   (ollama create NAME -f {result.modelfile})")
     return 0
 
 
@@ -187,13 +293,64 @@ def _train_args(p):
 
 def _generate_args(p):
     p.add_argument("prompt", nargs="?", help="the user message (read from stdin when omitted)")
-    p.add_argument("--model", default="default", help="base model (default: the built-in SmolLM2-135M-Instruct)")
+    _inference_args(p)
+
+
+def _inference_args(p, max_new_tokens: int = 256):
+    p.add_argument("--model", help="base model (default: the adapter's base from its run_manifest.json, "
+                                    "else the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="adapter folder to apply (e.g. checkpoints/adapter_model)")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampled output repeatable")
+
+
+def _chat_args(p):
+    _inference_args(p)
+
+
+def _predict_args(p):
+    p.add_argument("input", help="JSONL of prompts: alpaca rows (output optional), chat rows (messages ending "
+                                 "with a user turn, or with an answer used as reference), or {\"prompt\": ...}")
+    p.add_argument("--out", required=True, help="JSONL to write, one prediction per input row, same order")
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _inference_args(p, max_new_tokens=128)
+
+
+def _push_args(p):
+    p.add_argument("artifact", help="adapter folder, merged model folder, or .gguf file")
+    p.add_argument("--repo", required=True, help="Hub repository, owner/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to commit to")
+    p.add_argument("--dry-run", action="store_true", help="list exactly what would be uploaded, upload nothing")
+
+
+def _init_args(p):
+    p.add_argument("dir", help="folder for the new project (created; must be empty or absent)")
+    p.add_argument("--force", action="store_true", help="write into a folder that already has files")
+
+
+def _merge_args(p):
+    p.add_argument("adapter", help="adapter folder (e.g. checkpoints/adapter_model)")
+    p.add_argument("--out", required=True, help="folder to write the merged model to")
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter's run_manifest.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _export_args(p):
+    p.add_argument("--format", default="gguf", choices=["gguf"])
+    p.add_argument("--adapter", help="adapter folder: merged into its base, then exported")
+    p.add_argument("--model", help="base model to export as it is, or the adapter's base when both are given")
+    p.add_argument("--out", required=True, help="the .gguf file to write (a Modelfile is written next to it)")
+    p.add_argument("--type", default="f16", choices=["f16", "q8_0"], help="weight type (norms stay F32)")
+    p.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name when it cannot be inferred")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the file back and comparing logits")
+    p.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _eval_args(p):
@@ -238,6 +395,12 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "eval": (cmd_eval, _eval_args, "evaluate base vs tuned (or two runs) on a held-out set and write the report"),
     "config": (cmd_config, _config_cmd_args, "print the resolved config, or every key with --keys"),
     "data": (cmd_data, _data_args, "the data doctor: `data check FILE` and `data preview FILE -n 3`"),
+    "merge": (cmd_merge, _merge_args, "fold an adapter into its base: a full model folder, checked"),
+    "export": (cmd_export, _export_args, "write a GGUF file (f16/q8_0) + Ollama Modelfile, checked"),
+    "chat": (cmd_chat, _chat_args, "multi-turn chat (/reset, /exit); also reads a piped script of turns"),
+    "predict": (cmd_predict, _predict_args, "answer every prompt of a JSONL file in batches, to JSONL"),
+    "push": (cmd_push, _push_args, "upload an adapter, merged model or GGUF to the Hub, with a model card"),
+    "init": (cmd_init, _init_args, "scaffold a new fine-tuning project that trains as it is"),
 }
 
 

@@ -102,3 +102,141 @@ def stream_one(model, tokenizer, prompt_ids: list[int], eos_ids: list[int], max_
     tokens = new if stop_at is None else new[:stop_at]
     out.write("\n")
     return Generation(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), stop_at is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings shared by generate, chat and predict
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> "Sampling":
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        return self
+
+    def kwargs(self) -> dict:
+        return dict(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                    temperature=self.temperature or 1.0, top_p=self.top_p, seed=self.seed)
+
+
+def base_for(model: str | None, adapter: str | None) -> str:
+    """--model when given; with an adapter, the base it was trained on; else the built-in default."""
+    if model:
+        return model
+    if adapter:
+        from .export import base_model_for
+
+        return base_model_for(adapter)
+    return "default"
+
+
+def _context_limit(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat
+
+
+def chat_loop(model, tokenizer, encoder, lines, out=None, sampling: Sampling | None = None,
+              interactive: bool = False) -> list[dict]:
+    """A multi-turn conversation: each line is a user turn; `/reset` forgets, `/exit` (or end of input) ends.
+
+    Works the same with a terminal or a piped script of turns; returns the final history.
+    """
+    out = out or sys.stdout
+    sampling = (sampling or Sampling()).check()
+    eos_ids = encoder.generation_eos_ids()
+    limit = _context_limit(model)
+    history: list[dict] = []
+
+    def prompt():
+        if interactive:
+            out.write("you> ")
+            out.flush()
+
+    prompt()
+    for raw in lines:
+        text = raw.rstrip("\r\n")
+        command = text.strip()
+        if command == "/exit":
+            break
+        if command == "/reset":
+            history = []
+            out.write("[history cleared]\n")
+            prompt()
+            continue
+        if not command:
+            prompt()
+            continue
+        history.append({"role": "user", "content": text})
+        ids = encoder.encode_prompt(history)
+        # Forget the oldest exchanges rather than overflow the context window.
+        while limit and len(ids) + sampling.max_new_tokens > limit and len(history) > 1:
+            history = history[2:]
+            ids = encoder.encode_prompt(history)
+        if interactive:
+            out.write("assistant> ")
+        gen = stream_one(model, tokenizer, ids, eos_ids, out=out, **sampling.kwargs())
+        history.append({"role": "assistant", "content": gen.text})
+        prompt()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch prediction
+
+
+def predict_file(model, tokenizer, encoder, prompts, out_path, batch_size: int = 8,
+                 sampling: Sampling | None = None, progress: bool = True) -> int:
+    """Generate for every prompt row in left-padded batches and write one JSON line per row, in input order.
+
+    Prompts are grouped by length so batches carry little padding; the file appears only when complete.
+    """
+    import json
+    import os
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    sampling = (sampling or Sampling()).check()
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    eos_ids = encoder.generation_eos_ids()
+    encoded = [encoder.encode_prompt(p.messages) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    results: list[Generation | None] = [None] * len(prompts)
+    kw = sampling.kwargs()
+    with tqdm(total=len(prompts), desc="predict", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            gens = generate_batch(model, tokenizer, [encoded[i] for i in idx], eos_ids, **kw)
+            for i, g in zip(idx, gens):
+                results[i] = g
+            bar.update(len(idx))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for p, g in zip(prompts, results):
+                row = {"source": p.source, "messages": p.messages, "prediction": g.text, "stopped": g.stopped,
+                       "new_tokens": g.new_tokens}
+                if p.reference is not None:
+                    row["reference"] = p.reference
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(prompts)

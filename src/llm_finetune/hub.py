@@ -1,0 +1,219 @@
+"""Share a result on the Hugging Face Hub: the adapter, the merged model or a GGUF, with a model card.
+
+The card is written from the files the run left behind (run_manifest.json, run_config.json,
+eval_report.json), so it states what was actually done. The token comes from HF_TOKEN or the Hub
+login and is handed to the client only; it is never printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class HubError(ValueError):
+    """Pushing cannot proceed; the message says what to do."""
+
+
+# Never uploaded: trainer state that is large or private to the machine, temp files, a stale card.
+EXCLUDE = (".*", "*.tmp", "checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
+           "training_args.bin", "README.md", "__pycache__")
+
+
+@dataclass
+class PushPlan:
+    kind: str  # "adapter" | "merged" | "gguf"
+    repo_id: str
+    files: list[tuple[Path, str]]  # (local file, path in repo)
+    card: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def listing(self) -> str:
+        lines = [f"{self.repo_id} ({self.kind}):"]
+        for local, remote in self.files:
+            lines.append(f"  {remote:<40} {local.stat().st_size:>12,d} bytes  <- {local}")
+        lines.append(f"  {'README.md':<40} {len(self.card.encode()):>12,d} bytes  (generated model card)")
+        return "\n".join(lines)
+
+
+def _excluded(rel: Path) -> bool:
+    return any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in EXCLUDE)
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def detect(artifact: Path) -> str:
+    if artifact.is_file() and artifact.suffix == ".gguf":
+        return "gguf"
+    if artifact.is_dir() and (artifact / "adapter_config.json").is_file():
+        return "adapter"
+    if artifact.is_dir() and (artifact / "config.json").is_file() and any(artifact.glob("*.safetensors")):
+        return "merged"
+    raise HubError(f"{artifact}: not something to push; give an adapter folder (adapter_config.json), a merged "
+                   "model folder (config.json + *.safetensors) or a .gguf file")
+
+
+def select_files(artifact: Path, kind: str) -> list[tuple[Path, str]]:
+    if kind == "gguf":
+        files = [(artifact, artifact.name)]
+        modelfile = artifact.parent / "Modelfile"
+        if modelfile.is_file():
+            files.append((modelfile, "Modelfile"))
+        return files
+    out = []
+    for path in sorted(artifact.rglob("*")):
+        rel = path.relative_to(artifact)
+        if path.is_file() and not _excluded(rel):
+            out.append((path, rel.as_posix()))
+    return out
+
+
+def _provenance(artifact: Path, kind: str) -> tuple[dict, dict, dict, dict]:
+    """(manifest, run config, eval report, merge info) from the artifact or, for a GGUF, nothing."""
+    folder = artifact if artifact.is_dir() else artifact.parent
+    return (_read(folder / "run_manifest.json") or {}, _read(folder / "run_config.json") or {},
+            _read(folder / "eval_report.json") or {}, _read(folder / "llm_finetune_merge.json") or {})
+
+
+def _eval_table(report: dict) -> str:
+    if not report or "tuned" not in report:
+        return "No held-out evaluation was recorded for this run."
+    metrics = [k for k in report["tuned"] if k != "n" and isinstance(report["tuned"][k], (int, float))]
+    cols = [c for c in ("base", "tuned") if c in report]
+    rows = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for m in metrics:
+        vals = []
+        for c in cols:
+            v = report[c].get(m)
+            vals.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        label = f"{m} ({report['tuned'].get('metric')})" if m == "score" else m
+        rows.append(f"| {label} | " + " | ".join(vals) + " |")
+    table = f"On {report['tuned'].get('n', '?')} held-out examples:\n\n" + "\n".join(rows)
+    if "difference" in report:
+        d = report["difference"]
+        table += (f"\n\nTuned minus base: {d['score']:+.1%} (95% CI [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}], paired "
+                  f"bootstrap); eval loss {d['eval_loss']:+.3f}.")
+    return table
+
+
+def model_card(kind: str, repo_id: str, artifact: Path, manifest: dict, run_config: dict, report: dict,
+               merge_info: dict) -> str:
+    model = manifest.get("model") or merge_info.get("base") or {}
+    base_id = model.get("hub_id") or model.get("load_path") or "unknown"
+    method = run_config.get("method") or {}
+    data = manifest.get("data") or {}
+    training = manifest.get("training") or {}
+    train_cfg = run_config.get("train") or {}
+    front = ["---", f"base_model: {base_id}" if model.get("hub_id") else "", "tags:", "- llm-finetune",
+             f"- {method.get('name', 'fine-tuned')}"]
+    front += {"adapter": ["- peft", "library_name: peft"], "merged": ["library_name: transformers"],
+              "gguf": ["- gguf"]}[kind]
+    front.append("---")
+    lines = [line for line in front if line]
+    lines += ["", f"# {repo_id.split('/')[-1]}", "",
+              f"A {method.get('name', '?')} fine-tune of **{base_id}** made with llm-finetune "
+              f"({'the adapter only' if kind == 'adapter' else 'merged into the base' if kind == 'merged' else 'as a GGUF file'}).",
+              ""]
+    if model.get("notes"):
+        lines += [f"Base weights: {'; '.join(model['notes'])}", ""]
+    lines += ["## Method", ""]
+    lines += [f"- {k}: `{json.dumps(v)}`" for k, v in method.items()] or ["- (not recorded)"]
+    lines += ["", "## Data", ""]
+    train_file = data.get("train_file") or {}
+    if train_file:
+        lines.append(f"- training file: `{Path(train_file.get('path', '?')).name}`, sha256 `{train_file.get('sha256')}`, "
+                     f"{train_file.get('lines')} lines, {train_file.get('bytes')} bytes")
+    stats = data.get("train") or {}
+    if stats:
+        lines.append(f"- examples kept: {stats.get('kept')} of {stats.get('examples')} ({stats.get('skipped')} skipped, "
+                     f"{stats.get('truncated')} truncated); {stats.get('tokens')} tokens, "
+                     f"{stats.get('trained_tokens')} trained")
+    if data.get("eval_file"):
+        lines.append(f"- evaluation file: `{Path(data['eval_file'].get('path', '?')).name}`, sha256 "
+                     f"`{data['eval_file'].get('sha256')}`, {data.get('eval_examples')} examples")
+    if data.get("tokenizer"):
+        lines.append(f"- tokenizer sha256 `{data['tokenizer'].get('sha256')}`, end-of-turn "
+                     f"`{data.get('template_end_of_turn')}`")
+    if not train_file and not stats:
+        lines.append("- (no run manifest next to this artifact)")
+    lines += ["", "## Training", ""]
+    for k in ("steps", "learning_rate", "seed", "tokens_seen", "final_loss", "trainable_parameters",
+              "total_parameters", "train_runtime_s"):
+        if k in training:
+            lines.append(f"- {k}: {training[k]}")
+    for k in ("batch_size", "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio", "weight_decay", "epochs",
+              "max_steps"):
+        if k in train_cfg:
+            lines.append(f"- {k}: {train_cfg[k]}")
+    if manifest.get("versions"):
+        v = manifest["versions"]
+        lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft") if v.get(k)))
+    lines += ["", "## Evaluation", "", _eval_table(report), "", "## How to use it", "", "```python"]
+    if kind == "adapter":
+        lines += ["from peft import AutoPeftModelForCausalLM",
+                  "from transformers import AutoTokenizer", "",
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
+        if model.get("kind") in ("default", "gguf"):
+            lines += ["# The base was loaded from a GGUF file; if the line above cannot find it, load the base",
+                      "# yourself and use PeftModel.from_pretrained(base, repo_id)."]
+    elif kind == "merged":
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
+    else:
+        lines += ["# llama.cpp:  llama-cli -hf " + repo_id, "# Ollama:     ollama create NAME -f Modelfile",
+                  "from transformers import AutoModelForCausalLM",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", gguf_file="{artifact.name}")']
+    lines += ["```", "", "Or with llm-finetune: `llm-finetune generate --adapter PATH \"your prompt\"`"
+              if kind == "adapter" else "", ""]
+    return "\n".join(lines)
+
+
+def plan_push(artifact: str | Path, repo_id: str) -> PushPlan:
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise HubError(f"{artifact} does not exist")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise HubError(f"--repo {repo_id!r}: give the repository as owner/name")
+    kind = detect(artifact)
+    files = select_files(artifact, kind)
+    card = model_card(kind, repo_id, artifact, *_provenance(artifact, kind))
+    return PushPlan(kind, repo_id, files, card)
+
+
+def hub_token() -> str | None:
+    """HF_TOKEN, else the stored Hub login; the value is only ever passed to the client."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token()
+
+
+def push(plan: PushPlan, private: bool = False, revision: str | None = None,
+         message: str = "Upload with llm-finetune") -> str:
+    """Create the repository if needed and upload exactly the planned files in one commit; return its URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise HubError("HF_HUB_OFFLINE=1 is set, so nothing can be uploaded; unset it (or use --dry-run)")
+    token = hub_token()
+    if not token:
+        raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(plan.repo_id, repo_type="model", private=private, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=remote, path_or_fileobj=str(local)) for local, remote in plan.files]
+        ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=plan.card.encode("utf-8")))
+        info = api.create_commit(plan.repo_id, operations=ops, commit_message=message, repo_type="model",
+                                 revision=revision)
+    except HubError:
+        raise
+    except Exception as e:  # the client's own message, which never contains the token
+        raise HubError(f"upload to {plan.repo_id} failed: {type(e).__name__}: {e}") from None
+    return getattr(info, "commit_url", None) or f"https://huggingface.co/{plan.repo_id}"
