@@ -64,7 +64,7 @@ def hub(monkeypatch):
 
 EXPECTED_ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
                           "tokenizer_config.json", "chat_template.jinja", "run_manifest.json", "run_config.json",
-                          "eval_report.json", "README.md"}
+                          "eval_report.json", "eval_report.md", "README.md"}
 
 
 def test_push_adapter_uploads_exactly_the_selection_with_card(adapter, hub, capsys):

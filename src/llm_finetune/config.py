@@ -153,8 +153,13 @@ class MethodConfig:
 
     def validate(self, source: str, given: set[str]) -> None:
         """Reject options the chosen method does not read (they would silently do nothing)."""
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(self)}
         for key in sorted(given):
             users = METHOD_OPTIONS.get(key, ())
+            # A key left at its default changes nothing (a saved run_config.json lists every key).
+            if getattr(self, key) == defaults.get(key):
+                continue
             if self.name not in users:
                 raise ConfigError(
                     f"{source}: method.{key} does not apply to method.name={self.name!r} (it is read by: "

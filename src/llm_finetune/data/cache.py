@@ -75,8 +75,10 @@ def encoder_key(encoder: ChatEncoder) -> dict[str, Any]:
     }
 
 
-def cache_key(data_sha: str, encoder: ChatEncoder, fmt: str) -> tuple[str, dict[str, Any]]:
-    parts = {"version": CACHE_VERSION, "data": data_sha, "format": fmt, **encoder_key(encoder)}
+def cache_key(data_sha: str, encoder: ChatEncoder, fmt: str, path: str = "") -> tuple[str, dict[str, Any]]:
+    # The path is part of the key because cached examples carry their "file:line" sources: the same
+    # bytes under another name must not come back labelled with the first file's name.
+    parts = {"version": CACHE_VERSION, "data": data_sha, "format": fmt, "path": path, **encoder_key(encoder)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
 
 
@@ -106,7 +108,7 @@ def load_source(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", use_c
 
     if not use_cache or is_hub_name(spec):
         return read_source(spec, encoder, fmt)
-    key, parts = cache_key(source_fingerprint(spec)["sha256"], encoder, fmt)
+    key, parts = cache_key(source_fingerprint(spec)["sha256"], encoder, fmt, str(Path(spec).resolve()))
     entry = cache_root() / key
     if (entry / "meta.json").is_file():
         try:
