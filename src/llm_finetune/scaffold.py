@@ -123,7 +123,6 @@ def requirements() -> str:
 
 def init_project(directory: str | Path, force: bool = False) -> list[Path]:
     """Write the project; refuse a non-empty folder unless force. Returns the files written."""
-    from .config import load_config
 
     root = Path(directory)
     if root.exists() and not root.is_dir():

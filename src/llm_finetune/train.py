@@ -12,16 +12,15 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .data.records import Example, load_examples
-from .data.tokenize import ChatEncoder, EncodeStats, Encoded, encode_all
-from .manifest import atomic_dir, file_fingerprint, package_versions, tokenizer_fingerprint, write_json
+from .data.records import Example
+from .data.tokenize import ChatEncoder, EncodeStats, Encoded
+from .manifest import atomic_dir, package_versions, write_json
 
 log = logging.getLogger("llm_finetune")
 
