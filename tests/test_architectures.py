@@ -12,6 +12,7 @@ import torch
 from llm_finetune import methods
 from llm_finetune.config import MethodConfig, load_config
 from llm_finetune.methods import MethodError
+from llm_finetune.models import load_model
 
 from conftest import extraction_rows, write_jsonl
 from conftest_arch import ARCHS, build_arch
@@ -63,9 +64,8 @@ def test_every_method_builds_trains_and_generates(arch, method, arch_dirs):
 
     path = arch_dirs[arch]
     q = methods.effective_quantization(method, "none")
-    kw = {"quantization_config": methods.quantization_config(q)} if q != "none" else {}
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    model = load_model(str(path), "float32", q)  # the product's loader: CPU 4-bit kernel limits applied
     tok = AutoTokenizer.from_pretrained(path)
     options = {"prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4},
                "p_tuning": {"num_virtual_tokens": 4}}.get(method, {})
@@ -85,11 +85,15 @@ def test_every_method_builds_trains_and_generates(arch, method, arch_dirs):
     params = dict(model.named_parameters())
     assert any(not torch.equal(params[n], v) for n, v in trainable.items())
     model.eval()
-    ids = enc["input_ids"][:1]
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] == ids.shape[1] + 3
+    # The project's generation is the trained model's own greedy continuation (a prefix included).
+    from generation_helpers import greedy_continuation
+
+    from llm_finetune.generate import generate_batch
+
+    prompt = tok(json.dumps(extraction_rows(1)[0]))["input_ids"]
+    gen = generate_batch(model, tok, [prompt], [tok.eos_token_id], max_new_tokens=3)[0]
+    expected = greedy_continuation(model, prompt, [tok.eos_token_id], 3)
+    assert (gen.text, gen.new_tokens) == (tok.decode(expected, skip_special_tokens=True), len(expected))
 
 
 @pytest.mark.parametrize("arch,expected", [("gpt2", "c_attn"), ("falcon", "query_key_value"), ("llama", "q_proj"),

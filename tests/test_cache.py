@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llm_finetune.data.cache import cache_root, load_source
@@ -107,3 +109,42 @@ def test_cache_off_and_prepare_data_records_hits(setup, tiny_model_dir):
     assert [c["hit"] for c in first.info["cache"]] == [False]
     assert [c["hit"] for c in second.info["cache"]] == [True]
     assert [e.input_ids for e in second.train] == [e.input_ids for e in first.train]
+
+
+@pytest.mark.parametrize("change", ["pad", "eos", "adds_bos"])
+def test_tokenizer_differing_only_in_special_token_ids_misses(setup, change):
+    """Same vocabulary, added tokens and template: the old fingerprint could not tell these apart."""
+    from llm_finetune.data.cache import encoder_key
+
+    tmp_path, data, tok = setup
+    first = load_source(data, ChatEncoder(tok, max_length=128))
+    kwargs = {"pad": "<|endoftext|>"} if change == "pad" else {"eos": "<|endoftext|>"} if change == "eos" else \
+        {"bos": "<|begin_of_text|>"}
+    other = build_tokenizer(tmp_path / "tok2", **kwargs)
+    if change == "adds_bos":
+        load_source(data, ChatEncoder(other, max_length=128))  # names a BOS but adds none: same ids
+        other.add_bos_token = True  # now the tokenizer really puts a BOS before a text
+    assert other.get_vocab() == tok.get_vocab() and other.chat_template == tok.chat_template
+    encoder = ChatEncoder(other, max_length=128)
+    assert encoder_key(encoder) != encoder_key(ChatEncoder(tok, max_length=128))
+    changed = load_source(data, encoder)
+    assert not changed.cache_hit and changed.key != first.key
+    # What was loaded is what this tokenizer produces (the text row ends with its EOS, starts with its BOS).
+    fresh = [encoder.encode(ex) for ex in changed.examples]
+    assert [e.input_ids for e in changed.encoded] == [e.input_ids for e in fresh]
+    if change != "pad":
+        assert changed.encoded[-1].input_ids != first.encoded[-1].input_ids
+
+
+def test_file_problems_and_repairs_survive_the_cache(tmp_path, monkeypatch, chatml_tokenizer):
+    monkeypatch.setenv("LLM_FINETUNE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "cut.json"
+    row = {"conversations": [{"from": "gpt", "value": "Hi!"}, {"from": "human", "value": "q"},
+                             {"from": "gpt", "value": "a"}]}
+    path.write_text("[\n" + json.dumps(row) + ",\n" + json.dumps(row)[:30], encoding="utf-8")
+    first = load_source(path, ChatEncoder(chatml_tokenizer))
+    second = load_source(path, ChatEncoder(chatml_tokenizer))
+    assert second.cache_hit and not second.problems and len(second.examples) == 1
+    assert [str(p) for p in second.file_problems] == [str(p) for p in first.file_problems]
+    assert second.file_problems[0].scope == "file" and "cut off part-way" in second.file_problems[0].reason
+    assert second.examples[0].messages[0] == {"role": "assistant", "content": "Hi!", "train": False}

@@ -38,7 +38,9 @@ JSONL_CASES = [
     ('{"instruction": ["x"], "output": "y"}', "field 'instruction' must be a string, got list"),
     ('{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}',
      "unknown role 'wizard'"),
-    ('{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}', "roles out of order"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]}', "no assistant turn"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
+     '{"role": "system", "content": "z"}]}', "a system message may only come first"),
     ('{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]}', "no assistant turn"),
     ('{"conversations": [{"from": "human", "value": "x"}, {"from": "alien", "value": "y"}]}',
      "unknown role 'alien'"),
@@ -75,12 +77,17 @@ def test_json_array_cut_off_part_way(tmp_path, tiny_model_dir):
     path.write_text("[\n" + ",\n".join([GOOD] * 3) + ',\n{"instruction": "half a ro', encoding="utf-8")
     with pytest.raises(DataError) as e:
         run(run_config(tmp_path, tiny_model_dir, path))
-    assert f"{path}:5: the JSON array is cut off part-way" in str(e.value)
+    message = str(e.value)
+    assert f"{path}:5: the JSON array is cut off part-way" in message and "truncated" in message
+    assert "1 file problem(s)" in message and "invalid row" not in message  # a file problem, not a row one
+    assert "The 3 row(s) before the cut were read" in message and "data.on_error=skip" in message
     assert not (tmp_path / "ck").exists() and not (tmp_path / "logs").exists()
-    # Cut between rows, and with no closing bracket at all: still named.
+    # Cut between rows, and with no closing bracket at all: still named, once, as the file's problem.
     path.write_text("[\n" + ",\n".join([GOOD] * 3) + ",\n", encoding="utf-8")
-    (problem,) = read_examples(path).problems
-    assert problem.line == 5 and "cut off" in problem.reason
+    result = read_examples(path)
+    (problem,) = result.file_problems
+    assert problem.line == 5 and "cut off" in problem.reason and problem.scope == "file"
+    assert not result.problems and len(result.examples) == 3 and result.rows == 3
 
 
 def test_json_array_rows_lines_and_bad_utf8(tmp_path):
@@ -283,5 +290,5 @@ def test_json_file_holding_json_lines_or_a_scalar(tmp_path):
     assert [e.source for e in read_examples(lines).examples] == [f"{lines}:1", f"{lines}:2"]
     scalar = tmp_path / "scalar.json"
     scalar.write_text('\n"just a string"\n', encoding="utf-8")
-    (problem,) = read_examples(scalar).problems
+    (problem,) = read_examples(scalar).file_problems
     assert problem.line == 2 and "must hold an array of rows" in problem.reason

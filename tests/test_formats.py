@@ -81,8 +81,25 @@ def test_golden_masks(request, tokenizer_fixture, case):
     assert rendered.startswith(tok.decode(enc.input_ids))
 
 
-@pytest.mark.parametrize("tokenizer_fixture", ["chatml_tokenizer", "llama3_tokenizer"])
-def test_text_trains_every_token_and_ends_with_eos(request, tokenizer_fixture):
+@pytest.fixture(scope="module")
+def adds_bos_tokenizer(tmp_path_factory):
+    """Like Llama 3's real tokenizer: `tokenizer(text)` puts <|begin_of_text|> first."""
+    from conftest import LLAMA3, build_tokenizer
+
+    tok = build_tokenizer(tmp_path_factory.mktemp("tok_adds_bos"), LLAMA3, eos="<|eot_id|>",
+                          bos="<|begin_of_text|>", pad=None)
+    tok.add_bos_token = True  # transformers rebuilds the post-processor: BOS $A
+    assert tok("x")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+# (fixture, whether text rows start with BOS). llama3_tokenizer and chatml_tokenizer name a bos_token (or
+# none) but add nothing, as SmolLM2's (bos_token <|im_start|>) does: no BOS may be invented for them.
+TEXT_BOS = [("chatml_tokenizer", False), ("llama3_tokenizer", False), ("adds_bos_tokenizer", True)]
+
+
+@pytest.mark.parametrize("tokenizer_fixture,starts_with_bos", TEXT_BOS)
+def test_text_trains_every_token_and_ends_with_eos(request, tokenizer_fixture, starts_with_bos):
     tok = request.getfixturevalue(tokenizer_fixture)
     text = "机器学习是人工智能的一个分支。 Привет! The quick brown fox."
     ex = example({"text": text})
@@ -90,8 +107,20 @@ def test_text_trains_every_token_and_ends_with_eos(request, tokenizer_fixture):
     enc = ChatEncoder(tok, system_prompt="never added to text").encode(ex)
     assert all(label != IGNORE_INDEX for label in enc.labels)
     assert enc.input_ids[-1] == tok.eos_token_id
-    bos = tok.bos_token or ""
-    assert tok.decode(enc.input_ids) == bos + text + tok.eos_token  # no chat markup, no system prompt
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    bos = [tok.bos_token_id] if starts_with_bos else []
+    assert enc.input_ids == bos + body + [tok.eos_token_id]  # no chat markup, no system prompt
+
+
+def test_text_gets_no_bos_from_a_named_bos_token_the_tokenizer_does_not_add(tmp_path):
+    """SmolLM2's case: bos_token is <|im_start|> (also the chat turn marker), but the tokenizer adds no BOS."""
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer(tmp_path, bos="<|im_start|>")
+    assert tok.bos_token_id is not None and tok("x")["input_ids"] == tok("x", add_special_tokens=False)["input_ids"]
+    enc = ChatEncoder(tok).encode(example({"text": "The quick brown fox."}))
+    assert tok.bos_token_id not in enc.input_ids
+    assert tok.decode(enc.input_ids) == "The quick brown fox.<|im_end|>"
 
 
 def test_sharegpt_roles_and_train_flags(chatml_tokenizer):
@@ -164,7 +193,9 @@ def test_format_override_and_unknown_rows():
 
 @pytest.mark.parametrize("row,reason", [
     ({"conversations": [{"from": "narrator", "value": "x"}]}, "unknown role 'narrator'"),
-    ({"conversations": [{"from": "gpt", "value": "x"}]}, "roles out of order"),
+    ({"conversations": [{"from": "gpt", "value": "x"}]}, "no assistant reply to a user turn"),
+    ({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "q"}]},
+     "no assistant reply to a user turn"),
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "tool", "value": "{}"}]}, "tool calls"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "{}"}]}, "tool calls"),
     ({"conversations": [{"value": "x"}]}, "missing required field 'from'"),

@@ -11,6 +11,7 @@ import pytest
 from llm_finetune.cli import main
 
 from conftest import write_jsonl
+from generation_helpers import greedy_continuation
 from result_helpers import train_tiny_adapter
 
 
@@ -42,7 +43,13 @@ def test_generate_greedy_uses_adapter_and_its_base(adapter, loaded, capsys):
     ids = encoder.encode_prompt([{"role": "user", "content": PROMPT}])
     expected = generate_batch(model, tokenizer, [ids], encoder.generation_eos_ids(), max_new_tokens=16)[0]
     assert streamed.rstrip("\n") == expected.text
-    assert expected.new_tokens > 0
+    # That answer is the adapter's own greedy continuation, and not the base model's.
+    greedy = greedy_continuation(model, ids, encoder.generation_eos_ids(), 16)
+    assert expected.new_tokens == len(greedy) > 0
+    assert expected.text == tokenizer.decode(greedy, skip_special_tokens=True)
+    with model.disable_adapter():
+        base_answer = generate_batch(model, tokenizer, [ids], encoder.generation_eos_ids(), max_new_tokens=16)[0]
+    assert base_answer.text != expected.text
 
 
 def test_generate_sampling_repeats_with_seed(adapter, capsys):
@@ -142,5 +149,5 @@ def test_predict_bad_row_names_line_and_writes_nothing(adapter, tmp_path, capsys
     out = tmp_path / "out.jsonl"
     assert main(["predict", str(src), "--adapter", str(adapter), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"{src}:2" in err and f"{src}:3" in err and "expected 'user'" in err
+    assert f"{src}:2" in err and f"{src}:3" in err and "no user turn" in err
     assert not out.exists()

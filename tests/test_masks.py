@@ -147,3 +147,27 @@ def test_template_without_end_of_turn_is_refused(tmp_path):
     tok = build_tokenizer(tmp_path, bare)
     with pytest.raises(TemplateError, match="end-of-turn"):
         ChatEncoder(tok)
+
+
+EOT = {"chatml_tokenizer": "<|im_end|>", "llama3_tokenizer": "<|eot_id|>"}
+
+
+@pytest.mark.parametrize("tokenizer_fixture", ["chatml_tokenizer", "llama3_tokenizer"])
+@pytest.mark.parametrize("flagged_turn", [2, 1, 4], ids=["assistant", "user", "last-assistant"])
+def test_train_on_all_honours_train_false_exactly(request, tokenizer_fixture, flagged_turn):
+    """train_on=all trains every token except the content and end-of-turn of a "train": false message."""
+    tok = request.getfixturevalue(tokenizer_fixture)
+    flagged = [dict(m) for m in CHAT]
+    flagged[flagged_turn]["train"] = False
+    enc = ChatEncoder(tok, train_on="all").encode(ex(chat_to_messages({"messages": flagged})))
+    full = tok.apply_chat_template(CHAT, tokenize=False)
+    hole = CHAT[flagged_turn]["content"] + EOT[tokenizer_fixture]
+    start = full.index(hole)
+    rest = full[start + len(hole):]
+    if rest:  # everything else trained, the hole's tokens exactly masked
+        assert trained_text(tok, enc) == [full[:start], rest]
+        assert masked_text(tok, enc) == hole
+        assert [i for i, label in zip(enc.input_ids, enc.labels) if label == IGNORE_INDEX] == \
+            tok(hole, add_special_tokens=False)["input_ids"]
+    else:  # the hole ends the text: nothing after the last trained token carries loss, so it is cut
+        assert trained_text(tok, enc) == [full[:start]] and masked_text(tok, enc) == ""

@@ -211,3 +211,35 @@ def test_llama_cpp_tokenises_like_transformers(setup):
     llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
     for text in ["The quick brown fox.", "Maria Santos, 34, lives in Lisbon.", "今天天气很好", "<|im_start|>user\nhi"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_qlora_merge_also_reports_the_gap_to_the_trained_model(setup, tmp_path, capsys):
+    """A QLoRA adapter trained on the 4-bit base: the merged float32 model is checked against
+    adapter-on-float32-base (decides) and compared with the model that was trained (for information)."""
+    root, base, _ = setup
+    adapter = train_tiny_adapter(tmp_path, base, steps=4, extra=["method.name=qlora"])
+    out = tmp_path / "merged"
+    assert main(["merge", str(adapter), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "merged vs adapter-on-base" in printed and "OK" in printed
+    assert "merged vs the trained model (adapter on the 4bit base)" in printed and "(for information)" in printed
+    checks = json.loads((out / "llm_finetune_merge.json").read_text())["checks"]
+    assert [c["informational"] for c in checks] == [False, True]
+    assert checks[1]["max_abs_diff"] > checks[0]["max_abs_diff"]  # 4-bit rounding is the larger gap
+
+
+def test_added_tokens_adapter_loads_in_eval_merge_and_generate(tmp_path, tiny_model_dir, capsys):
+    """A template that adds special tokens resizes the embeddings; every verb loads such an adapter."""
+    adapter = train_tiny_adapter(tmp_path, tiny_model_dir, steps=4, extra=["data.template=gemma"])
+    assert json.loads((adapter / "run_manifest.json").read_text())["data"]["added_tokens"]
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["eval", "--adapter", str(adapter), "--out", str(tmp_path / "eval")]) == 0
+    assert main(["generate", "Bo Chen, 31, lives in Oslo.", "--adapter", str(adapter), "--max-new-tokens", "4"]) == 0
+
+
+def test_full_finetune_with_added_tokens_evaluates_its_base(tmp_path, tiny_model_dir):
+    """method=full with a template that adds tokens: the fresh base copy for the report is resized too."""
+    out = train_tiny_adapter(tmp_path, tiny_model_dir, steps=2, extra=["method.name=full", "data.template=gemma",
+                                                                      "method.dropout=0.1"])
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["order"] == ["base", "tuned"]

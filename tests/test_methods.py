@@ -15,6 +15,7 @@ import torch
 from llm_finetune import methods
 from llm_finetune.config import ConfigError, load_config
 from llm_finetune.methods import MethodError
+from llm_finetune.models import load_model
 
 from conftest import extraction_rows, write_jsonl
 
@@ -127,8 +128,10 @@ def test_full_finetune_writes_a_complete_model(runs, tiny_model_dir):
 RELOAD = textwrap.dedent("""
     import json, sys, torch
     from pathlib import Path
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from peft import PeftModel
+    from llm_finetune.generate import generate_batch
+    from llm_finetune.models import load_model
     base_dir, runs = sys.argv[1], json.loads(sys.argv[2])
     tok = AutoTokenizer.from_pretrained(base_dir)
     ids = torch.tensor([tok("Bo Chen, 31, lives in Oslo.")["input_ids"]])
@@ -140,17 +143,24 @@ RELOAD = textwrap.dedent("""
         if name == "full":
             model = AutoModelForCausalLM.from_pretrained(path)
         else:
-            q = {"qlora": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
-                 "lora_8bit": BitsAndBytesConfig(load_in_8bit=True)}.get(name)
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q),
-                                              path)
+            q = {"qlora": "4bit", "lora_8bit": "8bit"}.get(name, "none")
+            model = PeftModel.from_pretrained(load_model(base_dir, "float32", q), path)
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1]:]
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                 min_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-        out[name] = {"new_tokens": gen.shape[1] - ids.shape[1],
+            # The project's generation path (prefix tuning's prefix must reach generate's cache).
+            gen = generate_batch(model, tok, [ids[0].tolist()], [tok.eos_token_id], max_new_tokens=4)[0]
+            # It is the greedy continuation of the reloaded model's own forward pass: generation runs the
+            # tuned model, not the base.
+            greedy, seq = [], ids
+            while len(greedy) < 4:
+                token = int(model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1].argmax())
+                if token == tok.eos_token_id:
+                    break
+                greedy.append(token)
+                seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+        expected = tok.decode(greedy, skip_special_tokens=True)
+        out[name] = {"generated": [gen.text, gen.new_tokens], "greedy": [expected, len(greedy)],
                      "diff_from_base": float((logits - base_logits).abs().max())}
     print(json.dumps(out))
 """)
@@ -164,7 +174,7 @@ def test_reload_in_fresh_process_and_generate(runs, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in RUNS:
-        assert got[name]["new_tokens"] == 4, name
+        assert got[name]["generated"] == got[name]["greedy"], name
         assert got[name]["diff_from_base"] > 1e-4, f"{name}: the reloaded output does not change the model"
 
 
@@ -230,9 +240,8 @@ def _build(tiny_model_dir, tokenizer_dir=None, quantization="none", total_steps=
 
     cfg = MethodConfig(**method)
     q = methods.effective_quantization(cfg.name, quantization)
-    kw = {"quantization_config": methods.quantization_config(q)} if q != "none" else {}
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kw)
+    model = load_model(str(tiny_model_dir), "float32", q)  # the product's loader: CPU 4-bit kernel limits applied
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     return methods.apply_method(model, cfg, total_steps=total_steps, tokenizer=tok,
                                 tokenizer_path=str(tiny_model_dir)), tok
@@ -352,9 +361,44 @@ def test_adalora_regulariser_is_in_the_loss(tiny_model_dir):
     torch.testing.assert_close(total - plain, 0.5 * expected / count, atol=1e-4, rtol=1e-4)
 
 
-def test_adalora_allocator_runs_between_optimizer_step_and_zero_grad(tiny_model_dir):
-    (callback,) = methods.training_callbacks(_build(tiny_model_dir, name="adalora")[0], "adalora")
-    assert type(callback).on_optimizer_step is not type(callback).__mro__[1].on_optimizer_step
+def test_adalora_allocator_runs_between_optimizer_step_and_zero_grad(tiny_model_dir, tmp_path, monkeypatch):
+    """update_and_allocate scores ranks by |weight x gradient|: in a real Trainer loop it must run once per
+    optimizer step, after the step and before zero_grad clears the gradients, with the step's number."""
+    from datasets import Dataset
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from transformers import Trainer, TrainingArguments
+
+    from llm_finetune.data.collate import PaddingCollator
+
+    model, tok = _build(tiny_model_dir, name="adalora", adalora_init_r=4, adalora_target_r=2, total_steps=3)
+    events = []
+    allocate, zero_grad = model.base_model.update_and_allocate, model.zero_grad
+
+    def recording_allocate(step):
+        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+        events.append(("allocate", step, all(g is not None and bool(g.abs().sum() > 0) for g in grads)))
+        return allocate(step)
+
+    monkeypatch.setattr(model.base_model, "update_and_allocate", recording_allocate)
+    monkeypatch.setattr(model, "zero_grad", lambda *a, **k: (events.append(("zero_grad",)), zero_grad(*a, **k)))
+    ids = [tok(json.dumps(r))["input_ids"] for r in extraction_rows(6)]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=3,
+                             per_device_train_batch_size=2, learning_rate=1e-2, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = methods.trainer_class("adalora", Trainer)(
+        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+        data_collator=PaddingCollator(tok.pad_token_id), callbacks=methods.training_callbacks(model, "adalora"))
+    handle = register_optimizer_step_post_hook(lambda *_: events.append(("step",)))
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    first_step = events.index(("step",))
+    assert all(e == ("zero_grad",) for e in events[:first_step])  # only clearing before the first step
+    assert [e[0] for e in events[first_step:]] == ["step", "allocate", "zero_grad"] * 3, events
+    allocations = [e for e in events if e[0] == "allocate"]
+    assert [e[1] for e in allocations] == [0, 1, 2]
+    assert all(e[2] for e in allocations), "update_and_allocate ran without the step's gradients"
     assert methods.training_callbacks(None, "lora") == []
 
 

@@ -85,6 +85,7 @@ def test_push_adapter_uploads_exactly_the_selection_with_card(adapter, hub, caps
     assert "library_name: peft" in card
     assert manifest["model"]["load_path"] in card  # the base model
     assert '- r: `8`' in card and "- name: `\"lora\"`" in card  # method settings
+    assert "`null`" not in card and "adalora" not in card and "num_virtual_tokens" not in card  # only lora's
     assert manifest["data"]["train_file"]["sha256"] in card and "24 lines" in card  # data fingerprint and size
     assert f"- steps: {manifest['training']['steps']}" in card and "- learning_rate: 0.01" in card
     assert f"| eval_loss | {report['base']['eval_loss']:.4g} | {report['tuned']['eval_loss']:.4g} |" in card

@@ -18,7 +18,9 @@ GOOD = '{"instruction": "Say hi", "input": "", "output": "hi"}'
     ('{"instruction": "", "output": "y"}', "field 'instruction' is empty"),
     ('{"instruction": 3, "output": "y"}', "'instruction' must be a string"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),
-    ('{"messages": [{"role": "assistant", "content": "x"}]}', "roles out of order"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}', "no assistant reply to a user turn"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, '
+     '{"role": "assistant", "content": "y"}]}', "messages[1]: a system message may only come first"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
     ('{"foo": 1}', "unrecognised record"),
 ])

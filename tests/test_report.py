@@ -149,6 +149,23 @@ def test_eval_loss_every_n_steps_tensorboard_and_best_checkpoint(overfit):
     assert result.report["tuned"]["eval_loss"] == pytest.approx(evals[best_step], rel=1e-5)
 
 
+def test_report_says_when_the_best_checkpoint_was_chosen_on_the_reported_set(overfit, tmp_path):
+    """train.eval_steps + load_best_at_end pick the adapter on the eval set the report scores: optimistic."""
+    from llm_finetune.report import add_context
+
+    root, cfg, result = overfit
+    meta = json.loads((root / "checkpoints" / "report.json").read_text())["meta"]
+    assert meta["optimistic"] is True and meta["best_checkpoint"] == result.manifest["best_checkpoint"]["checkpoint"]
+    assert "best of 3 checkpoints by eval loss on this same eval set" in meta["best_checkpoint_selection"]
+    md = (root / "checkpoints" / "report.md").read_text()
+    assert "> **Note:** optimistic: the adapter is the best of 3 checkpoints" in md.split("## Metrics")[0]
+    # A last-step adapter (load_best_at_end=false), or a choice made on another set, is not flagged.
+    best = dict(result.manifest["best_checkpoint"], final_adapter_is_best=False)
+    assert add_context({}, cfg, [], best=best)["meta"]["optimistic"] is False
+    assert "best_checkpoint_selection" not in add_context({}, cfg, [], best=result.manifest["best_checkpoint"],
+                                                          best_on_same_set=False)["meta"]
+
+
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_model_dir):
     import torch
     from safetensors.torch import load_file
@@ -190,6 +207,9 @@ def test_eval_cli_base_vs_adapter_and_two_adapters(overfit, tmp_path, capsys):
     assert report["tuned"]["eval_loss"] == pytest.approx(result.report["tuned"]["eval_loss"], rel=1e-5)
     assert report["tuned"]["metrics"]["chrf"]["value"] == pytest.approx(result.report["tuned"]["metrics"]["chrf"]["value"])
     assert (out / "report.md").is_file() and (out / "plots" / "metrics.png").is_file()
+    # The adapter is the best checkpoint by eval loss on this same file: `eval` says so too.
+    assert report["meta"]["optimistic"] is True and "optimistic" in report["meta"]["best_checkpoint_selection"]
+    assert "note: optimistic" in printed
     # The same adapter against itself: every difference is exactly zero.
     out2 = tmp_path / "eval2"
     assert main(["eval", "--adapter", adapter, "--against", adapter, "--out", str(out2),

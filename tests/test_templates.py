@@ -11,6 +11,7 @@ from llm_finetune.data.templates import TEMPLATES, apply_template
 from llm_finetune.data.tokenize import ChatEncoder, TemplateError
 
 from conftest import build_tokenizer, extraction_rows, write_jsonl
+from generation_helpers import greedy_continuation
 from test_masks import masked_text, trained_text
 
 ROW = {"system": "你是助手。", "history": [["你好", "你好！"]], "instruction": "Capital of France?", "output": "Paris."}
@@ -108,9 +109,14 @@ def test_added_tokens_are_trained_saved_and_inference_prompt_is_byte_identical(t
         a = model.get_input_embeddings()(new_ids)
         b = again.get_input_embeddings()(new_ids)
     assert torch.equal(a, b)
+    # Generation with the added tokens is the model's own greedy continuation, and stops at <end_of_turn>.
+    eos_ids = infer_encoder.generation_eos_ids()
+    assert tok.convert_tokens_to_ids("<end_of_turn>") in eos_ids
     ids = infer_encoder.encode_prompt(messages)
-    gen = generate_batch(model, tok, [ids], infer_encoder.generation_eos_ids(), max_new_tokens=3)
-    assert gen[0].new_tokens <= 3
+    gen = generate_batch(model, tok, [ids], eos_ids, max_new_tokens=3)[0]
+    expected = greedy_continuation(model, ids, eos_ids, 3)
+    assert gen.new_tokens == len(expected) and gen.text == tok.decode(expected, skip_special_tokens=True)
+    assert gen.stopped == (len(expected) < 3)
 
 
 def test_untied_output_head_trains_the_new_rows_too(tmp_path, fresh_tokenizer):

@@ -27,7 +27,7 @@ def trained(tmp_path_factory, tiny_model_dir):
         f"model.name_or_path={tiny_model_dir}", f"data.train_file={root / 'train.jsonl'}",
         f"data.eval_file={root / 'eval.jsonl'}", "data.max_length=128", "method.dropout=0.0",
         "train.learning_rate=0.01", "train.max_steps=15", "train.logging_steps=1", "train.warmup_ratio=0.0",
-        "train.save_steps=10", "eval.max_new_tokens=12", f"output.dir={root / 'checkpoints'}",
+        "train.save_steps=10", "train.seed=7", "eval.max_new_tokens=12", f"output.dir={root / 'checkpoints'}",
         f"output.logs_dir={root / 'logs'}",
     ])
     result = run(cfg)
@@ -68,17 +68,25 @@ def test_adapter_reloads_with_plain_peft_and_same_logits(trained, tiny_model_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root, _, result = trained
+    from llm_finetune.evaluate import eval_loss
+    from llm_finetune.models import load_tokenizer
+    from llm_finetune.train import prepare_data
+
+    root, cfg, result = trained
     tok = AutoTokenizer.from_pretrained(result.adapter_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)
     model.eval()
+    # The saved adapter is the model the run measured: its eval loss on the run's own held-out rows is the
+    # tuned loss in the report (not the base's, not an earlier checkpoint's).
+    held_out = prepare_data(cfg, load_tokenizer(str(tiny_model_dir))).eval
+    reloaded_loss = eval_loss(model, held_out, tok.pad_token_id)["loss"]
+    assert reloaded_loss == pytest.approx(result.report["tuned"]["eval_loss"], abs=1e-5)
+    assert reloaded_loss < result.report["base"]["eval_loss"] - 0.1
     ids = tok("Bo Chen, 31, lives in Oslo.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         a = model(ids).logits
-        b = model(ids).logits
         with model.disable_adapter():
             base = model(ids).logits
-    assert torch.equal(a, b)
     assert not torch.allclose(a, base)  # the adapter does something
     # Reloading a second time in a fresh model reproduces the logits exactly.
     again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)
@@ -97,10 +105,10 @@ def test_output_folder_describes_itself(trained):
     manifest = json.loads((result.adapter_dir / "run_manifest.json").read_text())
     assert manifest["data"]["train_file"]["sha256"] and manifest["data"]["tokenizer"]["sha256"]
     assert manifest["versions"]["torch"] and manifest["versions"]["peft"]
-    assert manifest["training"]["seed"] == 0 or manifest["training"]["seed"] == cfg.train.seed
+    assert manifest["training"]["seed"] == cfg.train.seed == 7  # the configured seed, not a default
     assert manifest["training"]["tokens_seen"] > 0 and manifest["wall_time_s"] > 0
     saved = json.loads((result.adapter_dir / "run_config.json").read_text())
-    assert saved["train"]["learning_rate"] == 0.01
+    assert saved["train"]["learning_rate"] == 0.01 and saved["train"]["seed"] == 7
     # Intermediate checkpoint and the log.
     assert (root / "checkpoints" / "checkpoint-10").is_dir()
     log = (root / "logs" / "training.log").read_text()

@@ -55,9 +55,12 @@ def cmd_train(args) -> int:
 
         print(format_plan(estimate(cfg, args.throughput)))
         return 0
+    from .quiet import library_output_to_log
     from .train import run
 
-    result = run(cfg)
+    # Library notices that ask nothing of the user (deprecations, optional kernels) go to the run's log.
+    with library_output_to_log(quiet_errors=_user_errors()):
+        result = run(cfg)
     if result.report:
         from .evaluate import format_table
 
@@ -181,7 +184,8 @@ def cmd_merge(args) -> int:
     from .export import merge
 
     result = merge(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
-    print(result.check.line())
+    for check in result.checks or [result.check]:
+        print(check.line())
     print(f"tied embeddings: {'kept tied' if result.tied else 'not tied in the base'}")
     print(f"merged model: {result.out_dir}  (base {result.base}; loads with AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -252,7 +256,7 @@ def cmd_data_check(args) -> int:
     cfg, encoder = _data_encoder(args)
     spec = _data_source(args, cfg)
     plot = args.plot or str(Path(cfg.output.logs_dir) / f"data_check_{Path(spec).stem or 'data'}.png")
-    report = check(spec, encoder, cfg.data.format, histogram=None if args.no_plot else plot)
+    report = check(spec, encoder, cfg.data.format, histogram=None if args.no_plot else plot, roles=cfg.data.roles)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format())
     return 0 if report.ok else 1
 
@@ -262,7 +266,7 @@ def cmd_data_preview(args) -> int:
 
     cfg, encoder = _data_encoder(args)
     color = {"auto": None, "always": True, "never": False}[args.color]
-    shown = preview(_data_source(args, cfg), encoder, args.n, cfg.data.format, color)
+    shown = preview(_data_source(args, cfg), encoder, args.n, cfg.data.format, color, roles=cfg.data.roles)
     return 0 if shown else 1
 
 

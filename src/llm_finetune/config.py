@@ -35,7 +35,8 @@ class ModelConfig:
     )
     gguf_file: str | None = _f(None, "GGUF file name inside name_or_path, when that is a folder or Hub id.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
-        "auto", "Weights dtype: auto = bf16 on GPUs that support it, float32 on CPU."
+        "auto", "Weights dtype: auto = bf16 on GPUs that support it, float32 on CPU. Weights trained in full "
+        "(method full, modules_to_save) stay float32 and this dtype is the autocast compute dtype."
     )
     quantization: Literal["none", "8bit", "4bit"] = _f("none", "Load the frozen base quantised (bitsandbytes).")
     trust_remote_code: bool = _f(False, "Allow model code from the Hub repository.")
@@ -58,6 +59,12 @@ class DataConfig:
     eval_fraction: float | None = _f(
         None, "Hold out this fraction of the training rows (seeded by shuffle_seed) as the eval set; "
         "needs eval_file: null.", min=0.0, max=0.9,
+    )
+    selection_fraction: float | None = _f(
+        None, "Hold out this fraction of the training rows (seeded by shuffle_seed) as a selection set for "
+        "train.eval_steps: early stopping and the best checkpoint use its loss, so the eval set the report "
+        "scores took no part in choosing the adapter. null = choose on the eval set (the report then marks "
+        "its numbers optimistic).", min=0.0, max=0.9,
     )
     format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = _f(
         "auto", "Record format; auto detects it per row (messages, conversations, instruction/output, "
@@ -88,6 +95,20 @@ class DataConfig:
     system_prompt: str | None = _f(None, "System message added to records that have none.")
     max_train_examples: int | None = _f(None, "Use only the first N training rows (after shuffling).", min=1)
     shuffle_seed: int = _f(42, "Seed of the order of training examples.")
+    roles: dict[str, str] = _f(
+        {}, "Extra role names for the sharegpt and messages formats, each mapped to system, user or assistant, "
+        "e.g. {\"bing\": \"assistant\", \"bard\": \"assistant\"} (matched ignoring case).",
+    )
+
+    def validate(self, source: str, given: set[str]) -> None:
+        """data.roles: every name a non-empty string, every value one of the three roles a template knows."""
+        for name, role in self.roles.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(f"{source}: data.roles: {name!r} is not a role name; give the name as it "
+                                  "appears in the data.")
+            if role not in ("system", "user", "assistant"):
+                raise ConfigError(f"{source}: data.roles.{name}: got {role!r}, expected 'system', 'user' or "
+                                  "'assistant' (the roles a chat template renders).")
 
 
 MethodName = Literal["lora", "qlora", "dora", "rslora", "adalora", "ia3", "prompt_tuning", "prefix_tuning",
@@ -282,6 +303,8 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return "an object"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false",

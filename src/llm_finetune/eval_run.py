@@ -56,6 +56,84 @@ def plan_sides(cfg: RunConfig, adapters: list[str], against: str | None) -> list
     return [Side("A", _check_adapter(against)), Side("B", after)]
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _changed_files(files: list, recorded: dict[str, Any]) -> list[str]:
+    """The training sources whose content differs from the hashes the run recorded (none recorded: none)."""
+    from .data.cache import source_fingerprint
+
+    before = recorded.get("train_files") or ([recorded["train_file"]] if recorded.get("train_file") else [])
+    changed = []
+    for f, old in zip(files, before):
+        sha = old.get("sha256") if isinstance(old, dict) else None
+        if sha and source_fingerprint(f)["sha256"] != sha:
+            changed.append(str(f))
+    return changed
+
+
+def trained_reference(adapter: Path, trust_remote_code: bool = False):
+    """The leak check's reference for an adapter: its run's trained examples, re-derived from the
+    run_config.json in its folder by the data step training used (same split, weights, de-duplication
+    and tokenizer). Returns (TrainIndex or None, note): a missing or changed training set is a note in
+    the report, never a failure of the evaluation."""
+    from .config import ConfigError, load_config
+    from .data.files import is_hub_name
+    from .data.splits import trained_examples
+    from .leakage import TrainIndex
+    from .models import load_tokenizer
+
+    run_config = adapter / "run_config.json"
+    if not run_config.is_file():
+        return None, f"{adapter} has no run_config.json, so the examples it was trained on are unknown"
+    try:
+        run_cfg = load_config(run_config)
+    except ConfigError as e:
+        return None, f"{run_config} does not load ({e}), so the examples it was trained on are unknown"
+    d = run_cfg.data
+    files = d.train_file if isinstance(d.train_file, list) else [d.train_file]
+    gone = [str(f) for f in files if not is_hub_name(f) and not Path(f).exists()]
+    if gone:
+        return None, f"the run's training data is gone ({', '.join(gone)}, per {run_config})"
+    changed = _changed_files(files, _read_json(adapter / "run_manifest.json").get("data", {}))
+    try:
+        tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file()
+                                   else run_cfg.model.name_or_path, trust_remote_code)
+        examples = trained_examples(run_cfg, tokenizer)
+    except Exception as e:  # noqa: BLE001 - a leak check that cannot run is reported, not fatal
+        return None, f"the trained examples could not be re-derived from {run_config}: {e}"
+    note = (f"the training data changed since the run ({', '.join(changed)}: content hash differs); compared "
+            "with its current content" if changed else None)
+    return TrainIndex.build(examples), note
+
+
+def _best_on_this_set(adapter: Path, eval_file: str) -> tuple[dict | None, bool]:
+    """The best-checkpoint record of the adapter's run, and whether it was chosen on `eval_file`."""
+    from .data.cache import source_fingerprint
+
+    manifest = _read_json(adapter / "run_manifest.json")
+    best = manifest.get("best_checkpoint")
+    if not best:
+        return None, False
+    data = manifest.get("data", {})
+    if data.get("split", {}).get("selection_source") == "fraction":
+        return best, False  # chosen on rows held out of training for it (data.selection_fraction)
+    chosen_on = data.get("eval_file") or {}
+    if not chosen_on:
+        return best, False  # no eval file recorded: the choice was made on held-out training rows
+    try:
+        same = bool(chosen_on.get("sha256")) and chosen_on["sha256"] == source_fingerprint(eval_file)["sha256"]
+    except OSError:
+        same = False
+    return best, same or str(chosen_on.get("path")) == str(eval_file)
+
+
 def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | None = None,
              eval_file: str | None = None, out_dir: str | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
     from peft import PeftModel
@@ -78,14 +156,15 @@ def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | N
     tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
     d = cfg.data
     encoder = ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
-    examples, encoded = load_eval_set(eval_file, encoder, d.format, cfg.eval.max_examples)
+    examples, encoded = load_eval_set(eval_file, encoder, d.format, cfg.eval.max_examples, d.on_error, d.roles)
     if not examples:
-        raise EvalSetupError(f"{eval_file}: no example fits data.max_length={d.max_length}; raise it")
-    regression = (load_eval_set(cfg.eval.regression_file, encoder, d.format)
+        raise EvalSetupError(f"{eval_file}: no row to score: every row is plain text (no prompt to answer) or "
+                             f"longer than data.max_length={d.max_length}; give prompt/answer rows or raise it")
+    regression = (load_eval_set(cfg.eval.regression_file, encoder, d.format, on_error=d.on_error, roles=d.roles)
                   if cfg.eval.regression_file else None)
 
     model = load_model(source, cfg.model.dtype, cfg.model.quantization, cfg.model.trust_remote_code,
-                       cfg.model.revision)
+                       cfg.model.revision, tokenizer=tokenizer)
     with_adapter = [s for s in sides if s.adapter]
     model = PeftModel.from_pretrained(model, with_adapter[0].adapter, adapter_name=with_adapter[0].name)
     for s in with_adapter[1:]:
@@ -105,7 +184,10 @@ def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | N
 
     report = compare_models({s.name: switch(s) for s in sides}, model, encoder, examples, encoded, options,
                             regression)
-    add_context(report, cfg, examples, source, labels={s.name: s.label for s in sides})
+    trained, leak_note = trained_reference(newest, cfg.model.trust_remote_code) if newest else (None, None)
+    best, same_set = _best_on_this_set(newest, eval_file) if newest else (None, False)
+    add_context(report, cfg, examples, source, best, labels={s.name: s.label for s in sides}, trained=trained,
+                leak_note=leak_note, best_on_same_set=same_set)
     out = Path(out_dir) if out_dir else (newest.parent if newest else Path(cfg.output.dir))
     metrics_log = Path(cfg.output.logs_dir) / "metrics.jsonl"
     paths = write_report(report, out, metrics_log if metrics_log.is_file() else None)

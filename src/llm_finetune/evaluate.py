@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
@@ -110,6 +110,20 @@ def options_from_config(e) -> EvalOptions:
 # Loss
 
 
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Dropout off while scoring, and the caller's mode back afterwards.
+
+    After `trainer.train()` a model is still in train mode: LoRA dropout (and any other dropout)
+    would make losses and greedy answers random and biased. Every score is taken in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def example_losses(model, encoded: list[Encoded] | list[dict], pad_token_id: int, batch_size: int = 16,
                    collate: Callable | None = None) -> tuple[list[float], list[int]]:
@@ -122,9 +136,7 @@ def example_losses(model, encoded: list[Encoded] | list[dict], pad_token_id: int
     device = next(model.parameters()).device
     sums: list[float] = []
     counts: list[int] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for i in range(0, len(features), batch_size):
             batch = collate(features[i:i + batch_size])
             batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
@@ -137,8 +149,6 @@ def example_losses(model, encoded: list[Encoded] | list[dict], pad_token_id: int
                 ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
             sums.extend(loss.sum(dim=1).tolist())
             counts.extend((shift_labels != IGNORE_INDEX).sum(dim=1).tolist())
-    finally:
-        model.train(was_training)
     return sums, counts
 
 
@@ -214,9 +224,31 @@ def _generate_all(model, encoder: ChatEncoder, prompts: list[list[int]], max_new
 def score_model(model, name: str, encoder: ChatEncoder, examples: list[Example], encoded: list[Encoded],
                 metric: str = "exact_match", max_new_tokens: int = 48, batch_size: int = 16,
                 options: EvalOptions | None = None) -> ModelScores:
+    """Loss, greedy answers and every metric of `model` on `examples`, in eval mode (dropout off).
+
+    `examples[i]` and `encoded[i]` must be the same row: per-example values are read by position."""
     opts = options or EvalOptions(metric=metric, max_new_tokens=max_new_tokens, batch_size=batch_size)
     if opts.metric not in METRICS:
         raise ValueError(f"unknown metric {opts.metric!r}; choose one of {', '.join(METRICS)}")
+    _check_pairs(examples, encoded)
+    with eval_mode(model):
+        return _score(model, name, encoder, examples, encoded, opts)
+
+
+def _check_pairs(examples: list[Example], encoded: list[Encoded]) -> None:
+    """Per-example values are paired by position: refuse lists that are not the same rows in the same order."""
+    if len(examples) != len(encoded) or any(ex.source != enc.source for ex, enc in zip(examples, encoded)):
+        first = next((i for i, (ex, enc) in enumerate(zip(examples, encoded)) if ex.source != enc.source),
+                     min(len(examples), len(encoded)))
+        raise ValueError(f"examples and encodings are not the same rows ({len(examples)} examples, "
+                         f"{len(encoded)} encodings, first mismatch at position {first}); pass (example, "
+                         "encoding) pairs of the rows to score, text rows left out of both")
+    if any(ex.format == "text" for ex in examples):
+        raise ValueError("plain text rows have no prompt to answer; leave them out of the scored examples")
+
+
+def _score(model, name: str, encoder: ChatEncoder, examples: list[Example], encoded: list[Encoded],
+           opts: EvalOptions) -> ModelScores:
     tokenizer = encoder.tokenizer
     sums, counts = example_losses(model, encoded, tokenizer.pad_token_id, opts.batch_size)
     total = sum(counts)
@@ -355,14 +387,31 @@ def format_table(report: dict[str, Any]) -> str:
     return summary_table(report)
 
 
-def load_eval_set(path: str, encoder: ChatEncoder, fmt: str = "auto", max_examples: int | None = None
-                  ) -> tuple[list[Example], list[Encoded]]:
-    """Read and encode an eval-style file (held-out or regression set); rows too long are left out."""
-    from .data.records import load_examples
+def load_eval_set(path: str, encoder: ChatEncoder, fmt: str = "auto", max_examples: int | None = None,
+                  on_error: str = "stop", roles: dict[str, str] | None = None) -> tuple[list[Example], list[Encoded]]:
+    """Read and encode an eval-style file (held-out or regression set) as training's report does: the
+    first `max_examples` rows, then rows too long and plain text rows (no prompt to answer) left out.
+    Returns the examples and their encodings, position by position. Invalid rows stop with every problem
+    listed, or are left out under on_error='skip' (as training does with data.on_error)."""
+    import logging
 
-    rows = load_examples(path, fmt).examples
+    from .data.records import DataError, format_problems, read_examples
+
+    result = read_examples(path, fmt, roles)
+    if (result.problems or result.file_problems) and on_error != "skip":
+        raise DataError(format_problems(path, result.problems, result.rows, file_problems=result.file_problems))
+    for problem in result.file_problems:
+        logging.getLogger("llm_finetune").warning("FILE PROBLEM %s (the rows before it are scored)", problem)
+    rows = result.examples
+    if not rows:
+        raise DataError(f"{path}: no valid examples ({result.rows} rows read, {len(result.problems)} invalid)")
     if max_examples:
         rows = rows[:max_examples]
-    pairs = [(ex, encoder.encode(ex)) for ex in rows]
-    kept = [(ex, e) for ex, e in pairs if isinstance(e, Encoded)]
+    pairs = [(ex, e) for ex, e in zip(rows, encoder.encode_many(rows)) if isinstance(e, Encoded)]
+    kept = [(ex, e) for ex, e in pairs if ex.format != "text"]
+    log = logging.getLogger("llm_finetune")
+    if result.problems or len(kept) < len(rows):
+        log.warning("%s: scoring %d of %d rows (%d invalid, %d too long for data.max_length, %d plain text rows "
+                    "without a prompt)", path, len(kept), len(rows), len(result.problems), len(rows) - len(pairs),
+                    len(pairs) - len(kept))
     return [ex for ex, _ in kept], [e for _, e in kept]

@@ -25,10 +25,8 @@ def load_for_inference(model_path: str = "default", adapter: str | None = None, 
     source = resolve_source(model_path)
     tok_path = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else source.load_path
     tokenizer = load_tokenizer(tok_path)
-    model = load_model(source, dtype=dtype, quantization=quantization)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # The adapter's template added special tokens; their trained rows come with the adapter.
-        model.resize_token_embeddings(len(tokenizer))
+    # The adapter's template may have added special tokens; their trained rows come with the adapter.
+    model = load_model(source, dtype=dtype, quantization=quantization, tokenizer=tokenizer, cpu_4bit_packing=True)
     if adapter:
         from peft import PeftModel
 
@@ -51,6 +49,44 @@ def _generation_kwargs(max_new_tokens, eos_ids, pad_id, do_sample, temperature, 
     return kwargs
 
 
+def _generate(model, **kwargs):
+    """model.generate that keeps a prompt-learning adapter (prefix, prompt or p-tuning) in the answer.
+
+    PEFT 0.21 hooks generation through `past_key_values`, the name transformers 5 renamed to `cache`:
+    its hook never sees generate's cache, so it injects the prefix (or virtual tokens) anew at every
+    step, and the model keeps `cache` and drops `past_key_values` (deprecate_kwarg). The answers then
+    differ from the trained model's from the first token (prefix) or the second (prompt tuning). The
+    cache is handed to PEFT's hook under the old name and back to the model under the new one."""
+    import functools
+
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        return model.generate(**kwargs)
+    base_prepare, prepare = model.base_model_prepare_inputs_for_generation, model.prepare_inputs_for_generation
+
+    @functools.wraps(base_prepare)
+    def base_prepare_old_name(*args, **kw):
+        inputs = base_prepare(*args, **kw)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    @functools.wraps(prepare)  # generate inspects its signature
+    def prepare_new_name(*args, **kw):
+        inputs = prepare(*args, **kw)
+        if "past_key_values" in inputs:
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = base_prepare_old_name
+    model.prepare_inputs_for_generation = prepare_new_name  # PEFT's generate installs it on the base model
+    try:
+        return model.generate(**kwargs)
+    finally:
+        model.base_model_prepare_inputs_for_generation = base_prepare
+        del model.prepare_inputs_for_generation
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[list[int]], eos_ids: list[int], max_new_tokens: int = 64,
                    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -67,7 +103,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], eos_ids: list[int
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = _generation_kwargs(max_new_tokens, eos_ids, pad, do_sample, temperature, top_p)
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    out = _generate(model, input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     results = []
     for row in out[:, width:].tolist():
         stop_at = next((j for j, t in enumerate(row) if t in eos_ids), None)
@@ -96,7 +132,7 @@ def stream_one(model, tokenizer, prompt_ids: list[int], eos_ids: list[int], max_
         torch.manual_seed(seed)
     ids = torch.as_tensor([prompt_ids], device=next(model.parameters()).device)
     with torch.no_grad():
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        output = _generate(model, input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     new = output[0, ids.shape[1]:].tolist()
     stop_at = next((j for j, t in enumerate(new) if t in eos_ids), None)
     tokens = new if stop_at is None else new[:stop_at]

@@ -1,8 +1,11 @@
 """Share a result on the Hugging Face Hub: the adapter, the merged model or a GGUF, with a model card.
 
 The card is written from the files the run left behind (run_manifest.json, run_config.json,
-eval_report.json), so it states what was actually done. The token comes from HF_TOKEN or the Hub
-login and is handed to the client only; it is never printed, logged or written.
+eval_report.json), so it states what was actually done. Training writes the same card into the
+adapter folder and names the base by its Hub id in adapter_config.json, so an upload with the Hub's
+own tools ships a card that says something and an adapter that loads anywhere (our own commands
+find the local copy through run_manifest.json). The token comes from HF_TOKEN or the Hub login and
+is handed to the client only; it is never printed, logged or written.
 """
 
 from __future__ import annotations
@@ -102,11 +105,44 @@ def _eval_table(report: dict) -> str:
     return table
 
 
-def model_card(kind: str, repo_id: str, artifact: Path, manifest: dict, run_config: dict, report: dict,
+def method_options(method: dict[str, Any]) -> dict[str, Any]:
+    """The options the method reads and that were set: run_config.json lists every method's keys, and
+    a card full of other methods' nulls says nothing."""
+    from .config import METHOD_OPTIONS
+
+    name = method.get("name")
+    return {k: v for k, v in method.items()
+            if v is not None and v != [] and (k not in METHOD_OPTIONS or name in METHOD_OPTIONS[k])}
+
+
+def _usage_note(model: dict[str, Any], target: str) -> list[str]:
+    """Where the base of the snippet above comes from, when it is not simply the Hub id in adapter_config.json."""
+    kind, hub_id = model.get("kind"), model.get("hub_id")
+    if kind == "default":
+        return [f"# The base is {hub_id} on the Hub; this adapter was trained on its weights read from a GGUF",
+                "# file (see 'Base weights' above), which are close to the Hub's weights but not identical."]
+    if kind == "gguf" and hub_id:
+        return [f"# The base is the GGUF file {Path(model.get('original') or '?').name} of {hub_id}: load it with",
+                f'# AutoModelForCausalLM.from_pretrained("{hub_id}", gguf_file=...) and use',
+                f'# PeftModel.from_pretrained(base, "{target}").']
+    if kind == "gguf":
+        return ["# The base was a local GGUF file: load it yourself and use",
+                f'# PeftModel.from_pretrained(base, "{target}").']
+    if kind == "local":
+        return ["# The base was a local folder: load it yourself (AutoModelForCausalLM.from_pretrained) and use",
+                f'# PeftModel.from_pretrained(base, "{target}").']
+    return []
+
+
+def model_card(kind: str, repo_id: str | None, artifact: Path, manifest: dict, run_config: dict, report: dict,
                merge_info: dict) -> str:
+    """The card for `push` (repo_id given) or for the adapter folder itself (repo_id None)."""
     model = manifest.get("model") or merge_info.get("base") or {}
     base_id = model.get("hub_id") or model.get("load_path") or "unknown"
     method = run_config.get("method") or {}
+    # Without a repository yet (the card in the adapter folder), the snippet names a placeholder.
+    target = repo_id or "PATH_OR_REPO_ID"
+    title = repo_id.split("/")[-1] if repo_id else f"{method.get('name', '?')} fine-tune of {Path(base_id).name}"
     data = manifest.get("data") or {}
     training = manifest.get("training") or {}
     train_cfg = run_config.get("train") or {}
@@ -116,19 +152,19 @@ def model_card(kind: str, repo_id: str, artifact: Path, manifest: dict, run_conf
               "gguf": ["- gguf"]}[kind]
     front.append("---")
     lines = [line for line in front if line]
-    lines += ["", f"# {repo_id.split('/')[-1]}", "",
-              f"A {method.get('name', '?')} fine-tune of **{base_id}** made with llm-finetune "
-              f"({'the adapter only' if kind == 'adapter' else 'merged into the base' if kind == 'merged' else 'as a GGUF file'}).",
-              ""]
+    packaging = {"adapter": "the adapter only", "gguf": "as a GGUF file",
+                 "merged": "every weight" if method.get("name") == "full" else "merged into the base"}[kind]
+    lines += ["", f"# {title}", "",
+              f"A {method.get('name', '?')} fine-tune of **{base_id}** made with llm-finetune ({packaging}).", ""]
     if model.get("notes"):
         lines += [f"Base weights: {'; '.join(model['notes'])}", ""]
     lines += ["## Method", ""]
-    lines += [f"- {k}: `{json.dumps(v)}`" for k, v in method.items()] or ["- (not recorded)"]
+    lines += [f"- {k}: `{json.dumps(v)}`" for k, v in method_options(method).items()] or ["- (not recorded)"]
     lines += ["", "## Data", ""]
     train_file = data.get("train_file") or {}
-    if train_file:
-        lines.append(f"- training file: `{Path(train_file.get('path', '?')).name}`, sha256 `{train_file.get('sha256')}`, "
-                     f"{train_file.get('lines')} lines, {train_file.get('bytes')} bytes")
+    for f in data.get("train_files") or ([train_file] if train_file else []):  # a list of files: each one
+        lines.append(f"- training file: `{Path(f.get('path', '?')).name}`, sha256 `{f.get('sha256')}`, "
+                     f"{f.get('lines')} lines, {f.get('bytes')} bytes")
     stats = data.get("train") or {}
     if stats:
         lines.append(f"- examples kept: {stats.get('kept')} of {stats.get('examples')} ({stats.get('skipped')} skipped, "
@@ -155,25 +191,71 @@ def model_card(kind: str, repo_id: str, artifact: Path, manifest: dict, run_conf
         v = manifest["versions"]
         lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft") if v.get(k)))
     lines += ["", "## Evaluation", "", _eval_table(report), "", "## How to use it", "", "```python"]
+    if not repo_id:
+        lines.append("# PATH_OR_REPO_ID: this folder, or the Hub repository it was uploaded to")
     if kind == "adapter":
         lines += ["from peft import AutoPeftModelForCausalLM",
                   "from transformers import AutoTokenizer", "",
-                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
-        if model.get("kind") in ("default", "gguf"):
-            lines += ["# The base was loaded from a GGUF file; if the line above cannot find it, load the base",
-                      "# yourself and use PeftModel.from_pretrained(base, repo_id)."]
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{target}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{target}")']
+        lines += _usage_note(model, target)
     elif kind == "merged":
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
+                  f'model = AutoModelForCausalLM.from_pretrained("{target}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{target}")']
     else:
-        lines += ["# llama.cpp:  llama-cli -hf " + repo_id, "# Ollama:     ollama create NAME -f Modelfile",
+        lines += ["# llama.cpp:  llama-cli -hf " + target, "# Ollama:     ollama create NAME -f Modelfile",
                   "from transformers import AutoModelForCausalLM",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", gguf_file="{artifact.name}")']
+                  f'model = AutoModelForCausalLM.from_pretrained("{target}", gguf_file="{artifact.name}")']
     lines += ["```", "", "Or with llm-finetune: `llm-finetune generate --adapter PATH \"your prompt\"`"
               if kind == "adapter" else "", ""]
     return "\n".join(lines)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def record_hub_base(folder: str | Path) -> str | None:
+    """Name the base in adapter_config.json by its Hub id (from the folder's run_manifest.json).
+
+    PEFT records the folder the base was loaded from, which for the built-in model is a cache path on
+    this machine only. The local source stays in run_manifest.json, which our own commands read
+    first (export.base_model_for). Returns the id written, or None when the base has no Hub id.
+    """
+    folder = Path(folder)
+    hub_id = ((_read(folder / "run_manifest.json") or {}).get("model") or {}).get("hub_id")
+    config_path = folder / "adapter_config.json"
+    if not hub_id or not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path") != hub_id:
+        config["base_model_name_or_path"] = hub_id
+        _write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))  # PEFT's own layout
+    return hub_id
+
+
+def write_adapter_card(folder: str | Path) -> Path:
+    """Write our model card as the folder's README.md (in place of PEFT's empty template).
+
+    Built from the files in the folder, so call it again once eval_report.json is added: the card
+    then carries the evaluation table. Safe to call any number of times.
+    """
+    folder = Path(folder)
+    kind = "adapter" if (folder / "adapter_config.json").is_file() else "merged"  # method.name=full: the model
+    card = model_card(kind, None, folder, *_provenance(folder, kind))
+    path = folder / "README.md"
+    _write_text_atomic(path, card)
+    return path
+
+
+def describe_adapter_folder(folder: str | Path) -> None:
+    """What the save step adds once the weights, run_config.json and run_manifest.json are in the folder:
+    the Hub id of the base in adapter_config.json, and our model card as README.md."""
+    record_hub_base(folder)
+    write_adapter_card(folder)
 
 
 def plan_push(artifact: str | Path, repo_id: str) -> PushPlan:

@@ -158,7 +158,11 @@ def check_init_adapter(path: str, method: str) -> None:
                           f"cannot continue; use method.name={PEFT_TYPES.get(peft_type, ('?',))[0]!r}.")
 
 
-def quantization_config(mode: str):
+def quantization_config(mode: str, skip_modules: list[str] | None = None):
+    """BitsAndBytesConfig for a 4-bit (NF4, double quantisation) or 8-bit base.
+
+    `skip_modules`: modules left unquantised (None = transformers' defaults: the output head);
+    `models.quantization_skips` computes them for this machine's kernels."""
     from transformers import BitsAndBytesConfig
 
     try:
@@ -173,9 +177,9 @@ def quantization_config(mode: str):
         # NF4 with double quantisation: the QLoRA recipe. Compute in the training dtype.
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=pick_dtype("auto") if torch.cuda.is_available()
-                                  else torch.float32)
+                                  else torch.float32, llm_int8_skip_modules=skip_modules)
     if mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     raise MethodError(f"model.quantization: unknown mode {mode!r}")
 
 
@@ -443,6 +447,40 @@ def training_callbacks(model, method: str) -> list:
             model.base_model.update_and_allocate(state.global_step)
 
     return [AdaLoraRankAllocator()]
+
+
+def trainer_class(method: str, base: type) -> type:
+    """The Trainer class a method trains with: `base`, or for AdaLoRA a subclass whose orthogonality
+    regulariser weighs the same whatever the gradient accumulation.
+
+    PEFT adds `orth_reg_weight * R` to the loss of every forward pass (AdaLoraModel.forward). The
+    Trainer passes `num_items_in_batch` (the accumulated batch's supervised tokens) to the model,
+    so each micro-batch's cross-entropy is already a share of the accumulated batch's mean and the
+    Trainer does not divide by the accumulation steps: the regulariser would count once per
+    micro-batch, k times with accumulation k. Each micro-batch here carries 1/k of it instead, so
+    (batch 8, accumulation 1) and (batch 2, accumulation 4) give the same loss and gradients.
+    """
+    if method != "adalora":
+        return base
+
+    class AdaLoraTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss_is_a_share = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else
+                               (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                               or self.compute_loss_func is not None)  # as Trainer.training_step decides
+            micro_batches = getattr(self, "current_gradient_accumulation_steps", 1)
+            if not (model.training and loss_is_a_share and micro_batches > 1):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            adalora = self.accelerator.unwrap_model(model).base_model  # AdaLoraModel, which adds the term
+            config = adalora.peft_config[adalora.trainable_adapter_name]
+            weight = config.orth_reg_weight
+            config.orth_reg_weight = weight / micro_batches
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                config.orth_reg_weight = weight
+
+    return AdaLoraTrainer
 
 
 def _numel(p) -> int:

@@ -205,6 +205,42 @@ def pick_dtype(requested: str):
     return torch.float32
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How a training run holds and computes its weights."""
+
+    load: object  # torch.dtype the weights are loaded in (and the optimizer updates)
+    autocast: object = None  # torch.dtype the forward pass computes in under autocast; None: no autocast
+
+    @property
+    def load_name(self) -> str:
+        """The `model.dtype` spelling of `load`, as load_model takes it."""
+        return str(self.load).removeprefix("torch.")
+
+
+def training_precision(requested: str, trains_full_weights: bool) -> Precision:
+    """The one place that decides load dtype and autocast dtype for training.
+
+    Weights the optimizer updates in full (method `full`, or `modules_to_save` copies) are kept in
+    fp32: bf16 has 8 significant bits, so AdamW's first steps at lr 2e-5 change a weight of size ~1
+    by far less than its rounding step and most updates are lost. The half dtype (`requested`, or
+    bf16 / fp16 on a GPU for `auto`) is then the autocast compute dtype. A frozen base is loaded in
+    the half dtype itself; PEFT keeps the adapter's own weights in fp32 (autocast_adapter_dtype).
+    Autocast is used where the Trainer applies it: bf16 or fp16 on CUDA, bf16 on CPU.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    weights = pick_dtype(requested)
+    compute = weights
+    if trains_full_weights:
+        if requested == "auto" and cuda and weights == torch.float32:
+            compute = torch.float16  # a GPU without bf16: fp16 autocast, with the Trainer's loss scaling
+        weights = torch.float32
+    supported = (torch.bfloat16, torch.float16) if cuda else (torch.bfloat16,)
+    return Precision(weights, compute if compute in supported else None)
+
+
 def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -218,7 +254,17 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
 
 
 def load_model(source: ModelSource | str, dtype: str = "auto", quantization: str = "none",
-               trust_remote_code: bool = False, revision: str | None = None):
+               trust_remote_code: bool = False, revision: str | None = None, tokenizer=None,
+               cpu_4bit_packing: bool = False):
+    """Load the base model; the one loader every verb uses.
+
+    `tokenizer`: when it has more tokens than the model has embedding rows (a template added special
+    tokens), the embeddings are resized to it, so an adapter that trained those rows loads, and a
+    fresh base copy can read the same ids.
+    `cpu_4bit_packing`: let bitsandbytes use its packed bf16 CPU kernel for a 4-bit base (inference
+    only: generate, chat, predict); layers it cannot pack stay unquantised (`quantization_skips`).
+    Off, every 4-bit layer keeps the layout training uses (`keep_cpu_4bit_trainable`).
+    """
     from transformers import AutoModelForCausalLM
 
     path = source.load_path if isinstance(source, ModelSource) else source
@@ -228,8 +274,106 @@ def load_model(source: ModelSource | str, dtype: str = "auto", quantization: str
     if quantization != "none":
         from .methods import quantization_config
 
-        kwargs["quantization_config"] = quantization_config(quantization)
+        skips = quantization_skips(path, quantization, trust_remote_code, kwargs.get("revision")) \
+            if cpu_4bit_packing else None
+        kwargs["quantization_config"] = quantization_config(quantization, skip_modules=skips)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ModelSourceError(f"could not load model from {path}: {e}") from None
+    if quantization == "4bit" and not cpu_4bit_packing:
+        keep_cpu_4bit_trainable(model)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes' CPU 4-bit kernel and layer shapes
+#
+# On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for a fused bf16 kernel the
+# first time the layer runs in eval mode without gradients, and that layout needs the output size
+# to be a multiple of 32 (its block_n) and the input size a multiple of the 4-bit block size (64);
+# any other shape fails with a bare AssertionError mid-run (or a reshape error). Loads for training
+# and evaluation turn the packed kernel off (`keep_cpu_4bit_trainable`); inference loads that use
+# it leave the layers it cannot take unquantised, decided before any weight is loaded, as
+# `llm_int8_skip_modules` does for the head, and listed in the log.
+
+CPU_4BIT_OUT_MULTIPLE = 32
+CPU_4BIT_BLOCKSIZE = 64
+
+
+def bnb_cpu_packs_4bit() -> bool:
+    """True when bitsandbytes will repack 4-bit weights for its AVX512-BF16 CPU kernel here.
+
+    Reads the same probe `bitsandbytes.nn.Linear4bit` reads, so forcing it in a test forces both."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    try:
+        from bitsandbytes.nn import modules as bnb_modules
+    except ImportError:
+        return False
+    return bool(bnb_modules.has_avx512bf16())
+
+
+def cpu_4bit_shape_problem(out_features: int, in_features: int) -> str | None:
+    """Why the packed CPU 4-bit kernel cannot take a linear layer of this shape, or None."""
+    reasons = []
+    if out_features % CPU_4BIT_OUT_MULTIPLE:
+        reasons.append(f"out_features {out_features} is not a multiple of {CPU_4BIT_OUT_MULTIPLE}")
+    if in_features % CPU_4BIT_BLOCKSIZE:
+        reasons.append(f"in_features {in_features} is not a multiple of the 4-bit block size {CPU_4BIT_BLOCKSIZE}")
+    return "; ".join(reasons) or None
+
+
+def quantization_skips(path: str, quantization: str, trust_remote_code: bool = False,
+                       revision: str | None = None) -> list[str] | None:
+    """Modules to leave unquantised: transformers' defaults (the head, tied weights) plus, where
+    bitsandbytes packs 4-bit weights on this CPU, every linear layer whose shape it cannot pack.
+    None means transformers' defaults alone. Built from the config on the meta device: no weights."""
+    if quantization != "4bit" or not bnb_cpu_packs_4bit():
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    defaults = get_keys_to_not_convert(skeleton)
+    problems = {}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out_features, in_features = module.out_features, module.in_features
+        elif type(module).__name__ == "Conv1D":  # GPT-2 style; bitsandbytes quantises it as a linear layer
+            out_features, in_features = module.nf, module.nx
+        else:
+            continue
+        if should_convert_module(name, defaults):
+            problem = cpu_4bit_shape_problem(out_features, in_features)
+            if problem:
+                problems[name] = f"{out_features}x{in_features}: {problem}"
+    if problems:
+        log.warning("4-bit base on this CPU: bitsandbytes' AVX512-BF16 kernel cannot pack %d linear layer(s); "
+                    "they stay unquantised (%s precision): %s", len(problems), pick_dtype("auto"),
+                    "; ".join(f"{n} ({why})" for n, why in problems.items()))
+    return sorted(set(defaults) | set(problems))
+
+
+def keep_cpu_4bit_trainable(model) -> int:
+    """Turn off bitsandbytes' packed CPU kernel on every 4-bit layer; return how many layers.
+
+    Training and every number compared with it need this. bitsandbytes repacks a 4-bit weight the
+    first time its layer runs in eval mode without gradients (an evaluation during training, the
+    end-of-run report) and never unpacks it; the packed kernel has no backward, so training after it
+    silently gets no gradient through the layer, and the round trip rounds the block scales to bf16.
+    With the flag off, evaluation computes exactly as training did, and any layer shape works."""
+    layers = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            layers += 1
+    return layers

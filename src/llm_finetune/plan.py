@@ -168,7 +168,7 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
         else:
             from .data.records import load_examples
 
-            rows = load_examples(cfg.data.train_file, cfg.data.format).examples
+            rows = load_examples(cfg.data.train_file, cfg.data.format, roles=cfg.data.roles).examples
             if cfg.data.max_train_examples:
                 rows = rows[: cfg.data.max_train_examples]
             chars = sum(len(m["content"]) + 16 for ex in rows for m in ex.messages)

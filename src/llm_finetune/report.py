@@ -104,6 +104,10 @@ def summary_table(report: dict[str, Any]) -> str:
         from .leakage import format_leaks
 
         lines.append(format_leaks(report["leaks"]))
+    elif report.get("meta", {}).get("leak_check"):
+        lines.append(f"leak check {report['meta']['leak_check']}")
+    if report.get("meta", {}).get("best_checkpoint_selection"):
+        lines.append(f"note: {report['meta']['best_checkpoint_selection']}")
     return "\n".join(lines)
 
 
@@ -151,10 +155,14 @@ def markdown_report(report: dict[str, Any]) -> str:
     meta = report.get("meta", {})
     parts = ["# Evaluation report", ""]
     if meta:
-        parts += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))] + [""]
+        shown_below = ("best_checkpoint_selection", "leak_check")
+        parts += [f"- {k}: {v}" for k, v in meta.items()
+                  if not isinstance(v, (dict, list)) and k not in shown_below] + [""]
     labels = report.get("labels", {})
     if labels:
         parts += [f"- **{n}**: {labels[n]}" for n in names if n in labels] + [""]
+    if meta.get("best_checkpoint_selection"):
+        parts += [f"> **Note:** {meta['best_checkpoint_selection']}.", ""]
     parts += ["## Metrics", "", markdown_table(report)]
     if "difference" in report:
         d = report["difference"]
@@ -168,6 +176,8 @@ def markdown_report(report: dict[str, Any]) -> str:
             parts.append(f"- {n} answer length (tokens): mean {length['mean']:.1f}, median {length['median']}, "
                          f"p90 {length['p90']}, min {length['min']}, max {length['max']}")
     parts.append("")
+    if "leaks" not in report and meta.get("leak_check"):
+        parts += ["## Leak check", "", f"leak check {meta['leak_check']}", ""]
     if "leaks" in report:
         from .leakage import format_leaks
 
@@ -309,13 +319,26 @@ def write_report(report: dict[str, Any], out_dir: str | Path, metrics_log: str |
     return {"json": out / "report.json", "md": md, **{Path(p).stem: out / p for p in made}}
 
 
+def selection_note(best: dict | None, same_set: bool) -> str | None:
+    """Why the numbers may be optimistic: the final adapter is the checkpoint with the lowest eval loss
+    on the very set the report scores (train.eval_steps with train.load_best_at_end), so the choice
+    has already seen these examples. None when no checkpoint was chosen, or it was chosen elsewhere."""
+    if not best or not best.get("final_adapter_is_best") or not same_set:
+        return None
+    return (f"optimistic: the adapter is the best of {len(best.get('evaluations') or [])} checkpoints by eval "
+            f"loss on this same eval set ({best.get('checkpoint')}), so these numbers favour it; score a set "
+            "that took no part in the choice for an unbiased estimate")
+
+
 def add_context(report: dict[str, Any], cfg, eval_examples: list, source=None, best: dict | None = None,
-                labels: dict[str, str] | None = None) -> dict[str, Any]:
-    """What the numbers are about: eval file, model, labels of the two sides, and the leak check
-    against the training file (read again here: training keeps only token ids)."""
+                labels: dict[str, str] | None = None, trained=None, leak_note: str | None = None,
+                best_on_same_set: bool = True) -> dict[str, Any]:
+    """What the numbers are about: eval file, model, labels of the two sides, how the adapter was chosen,
+    and the leak check against `trained` (a `leakage.TrainIndex` of the examples the run trained on, or
+    None when they are not known: then `leak_note` says why in meta.leak_check). A `leak_note` next to
+    `trained` qualifies the check (e.g. the training data changed since the run)."""
     import time
 
-    from .data.records import load_examples
     from .leakage import find_leaks
 
     model = (source.hub_id or str(source.load_path)) if source is not None else cfg.model.name_or_path
@@ -325,9 +348,26 @@ def add_context(report: dict[str, Any], cfg, eval_examples: list, source=None, b
                       "consistency_samples": cfg.eval.consistency_samples}
     if best:
         report["meta"]["best_checkpoint"] = best["checkpoint"]
+        note = selection_note(best, best_on_same_set)
+        report["meta"]["optimistic"] = note is not None
+        if note:
+            report["meta"]["best_checkpoint_selection"] = note
     report["labels"] = labels or {"base": f"base model {model}", "tuned": "base model + the adapter of this run"}
-    train_file = cfg.data.train_file
-    if train_file and Path(train_file).is_file():
-        train_examples = load_examples(train_file, cfg.data.format).examples
-        report["leaks"] = {"train_file": train_file, **find_leaks(eval_examples, train_examples)}
+    if trained is not None:
+        report["leaks"] = {"train_file": cfg.data.train_file, **find_leaks(eval_examples, trained)}
+        if leak_note:
+            report["leaks"]["note"] = leak_note
+    elif leak_note:
+        report["meta"]["leak_check"] = f"not run: {leak_note}"
     return report
+
+
+def write_into_adapter(adapter_dir: str | Path, report: dict[str, Any]) -> None:
+    """The evaluation goes into the already saved adapter folder: eval_report.json and eval_report.md
+    (the table for the model card), each written to a temporary name and renamed into place."""
+    adapter_dir = Path(adapter_dir)
+    write_json(adapter_dir / "eval_report.json", report)
+    md = adapter_dir / "eval_report.md"
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(markdown_table(report), encoding="utf-8")
+    tmp.replace(md)

@@ -50,10 +50,12 @@ class CheckReport:
     duplicates: int = 0
     ignored_files: list[str] = field(default_factory=list)
     histogram: str | None = None
+    file_problems: list[str] = field(default_factory=list)  # a .json array cut part-way: shown first, once
+    repairs: dict[str, int] = field(default_factory=dict)  # rows the reader repaired, by rule
 
     @property
     def ok(self) -> bool:
-        return self.problems == 0 and self.examples > 0
+        return self.problems == 0 and self.examples > 0 and not self.file_problems
 
     def length_summary(self) -> dict[str, int]:
         if not self.lengths:
@@ -66,16 +68,22 @@ class CheckReport:
                 "first_problems": self.first_problems, "formats": self.formats, "tokens": self.length_summary(),
                 "max_length": self.max_length, "truncation": self.truncation, "too_long": self.too_long,
                 "lost_all_supervision": self.lost_all_supervision, "duplicates": self.duplicates,
-                "ignored_files": self.ignored_files, "histogram": self.histogram, "ok": self.ok}
+                "ignored_files": self.ignored_files, "histogram": self.histogram, "file_problems": self.file_problems,
+                "repairs": self.repairs, "ok": self.ok}
 
     def format(self) -> str:
         s = self.length_summary()
         fate = "dropped" if self.truncation == "drop" else "cut from the left (answer end kept)"
-        lines = [
-            f"data check: {self.source}",
+        lines = [f"data check: {self.source}"]
+        for problem in self.file_problems:
+            lines.append(f"  FILE PROBLEM     {problem}")
+            lines.append(f"                   the {self.rows} row(s) before it were read and are checked below")
+        lines += [
             f"  rows read        {self.rows}",
             f"  valid examples   {self.examples}   " + ", ".join(f"{k}: {v}" for k, v in sorted(self.formats.items())),
             f"  invalid rows     {self.problems}",
+            *[f"  {'repaired rows' if i == 0 else '':<17}{n} {rule}" for i, (rule, n) in
+              enumerate(sorted(self.repairs.items(), key=lambda kv: -kv[1]))],
             f"  tokens/example   min {s['min']}, median {s['median']}, p95 {s['p95']}, max {s['max']} "
             f"(through the template, before truncation)",
             f"  over max_length  {self.too_long} of {self.examples} (> {self.max_length} tokens; policy "
@@ -99,7 +107,7 @@ CHUNK = 256  # examples tokenised together: bounded memory, and the tokenizer's 
 
 
 def check(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", max_listed: int = 20,
-          histogram: str | Path | None = None) -> CheckReport:
+          histogram: str | Path | None = None, roles: dict[str, str] | None = None) -> CheckReport:
     """Stream `spec` once: validate, encode each example through the real template, and count."""
     from .splits import example_hash
 
@@ -112,7 +120,14 @@ def check(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", max_listed:
     chunk: list = []
 
     def measure_chunk() -> None:
-        for enc in measure.encode_many(chunk):
+        for example, enc in zip(chunk, measure.encode_many(chunk)):
+            if isinstance(enc, Skipped) and enc.refused:  # the template cannot render it: an invalid row
+                report.examples -= 1
+                result.formats[example.format] -= 1
+                report.problems += 1
+                if len(report.first_problems) < max_listed:
+                    report.first_problems.append(f"{enc.source}: {enc.reason}")
+                continue
             length = enc.full_length if isinstance(enc, Encoded) else enc.length
             report.lengths[length] = report.lengths.get(length, 0) + 1
             if length > encoder.max_length:
@@ -121,8 +136,10 @@ def check(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", max_listed:
                 report.lost_all_supervision += 1
         chunk.clear()
 
-    for item in iter_examples(spec, fmt, result):
+    for item in iter_examples(spec, fmt, result, roles):
         if isinstance(item, RowProblem):
+            if item.scope == "file":  # counted once, in result.file_problems
+                continue
             report.problems += 1
             if len(report.first_problems) < max_listed:
                 report.first_problems.append(str(item))
@@ -133,7 +150,9 @@ def check(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", max_listed:
         if len(chunk) == CHUNK:
             measure_chunk()
     measure_chunk()
-    report.rows, report.formats, report.ignored_files = result.rows, result.formats, result.ignored_files
+    report.rows, report.ignored_files, report.repairs = result.rows, result.ignored_files, result.repairs
+    report.formats = {k: v for k, v in result.formats.items() if v}
+    report.file_problems = [str(p) for p in result.file_problems]
     if len(hashes):
         import numpy as np
 
@@ -206,7 +225,7 @@ def render_example(tokenizer, enc: Encoded, color: bool) -> str:
 
 
 def preview(spec: str | Path, encoder: ChatEncoder, n: int = 3, fmt: str = "auto", color: bool | None = None,
-            out: TextIO | None = None) -> int:
+            out: TextIO | None = None, roles: dict[str, str] | None = None) -> int:
     """Print the first `n` valid examples as the model sees them; return how many were shown."""
     out = out or sys.stdout
     if color is None:
@@ -216,12 +235,13 @@ def preview(spec: str | Path, encoder: ChatEncoder, n: int = 3, fmt: str = "auto
     out.write(f"legend: {legend}; max_length {encoder.max_length}, policy {encoder.truncation}, "
               f"train_on {encoder.train_on}\n")
     shown, problems = 0, 0
-    for item in iter_examples(spec, fmt):
+    for item in iter_examples(spec, fmt, roles=roles):
         if shown >= n:
             break
         if isinstance(item, RowProblem):
             problems += 1
-            out.write(f"\n--- {item} (invalid row, not shown)\n")
+            kind = "file problem" if item.scope == "file" else "invalid row, not shown"
+            out.write(f"\n--- {item} ({kind})\n")
             continue
         enc = encoder.encode(item)
         shown += 1

@@ -2,7 +2,8 @@
 
 Every reader streams and yields (file, number, unit, row-or-problem): the number is the line in a
 text file and the row in a parquet file or Hub dataset, so any problem can point back to its place.
-Bad bytes and cut-off files become problems on their row, never a silently shorter dataset.
+Bad bytes become problems on their row; a .json array cut part-way (or not an array at all) is one
+problem of scope "file", reported once; never a silently shorter dataset.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
             return
         if buf[pos] != "[":
             yield line, RowProblem(str(path), line, f"a .json file must hold an array of rows ('[' ...), found "
-                                                    f"{buf[pos]!r}; or save one object per line as .jsonl")
+                                                    f"{buf[pos]!r}; or save one object per line as .jsonl",
+                                   scope="file")
             return
         pos += 1
         first = True
@@ -89,7 +91,7 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
             skip_ws()
             if pos >= len(buf):
                 yield line, RowProblem(str(path), line, "the JSON array is cut off part-way (no closing ']'); "
-                                                        "the file is truncated, re-export it")
+                                                        "the file is truncated, re-export it", scope="file")
                 return
             if buf[pos] == "]":
                 return
@@ -118,7 +120,8 @@ def iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
                     else:
                         yield start_line, RowProblem(
                             str(path), start_line, "the JSON array is cut off part-way (this row is incomplete "
-                                                   "and there is no closing ']'); the file is truncated, re-export it")
+                                                   "and there is no closing ']'); the file is truncated, re-export it",
+                            scope="file")
                     return
             line += buf.count("\n", pos, end)
             pos = end

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-ROLES = ("system", "user", "assistant")
+from .conversation import (MESSAGES_ROLES, SHAREGPT_ROLES, content_text, normalise, resolve_role, role_table,
+                           train_flag)
 
 
 class DataError(ValueError):
@@ -23,6 +24,8 @@ class Example:
     messages: list[dict[str, Any]]  # {"role", "content"} plus optional "train": bool
     source: str  # "path:line"
     format: str  # the format it was read as
+    # What the reader repaired in this row (see `conversation`); not part of its identity.
+    notes: list[str] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def prompt_messages(self) -> list[dict[str, Any]]:
@@ -45,13 +48,17 @@ class RowProblem:
     line: int
     reason: str
     unit: str = "line"  # "row" for files without lines (parquet, hub datasets)
+    # "file" for a problem of the whole file (a .json array cut part-way): the rows before it are
+    # fine and it is reported once, above the row problems, not as one of them.
+    scope: str = "row"
 
     def __str__(self) -> str:
         where = f"{self.line}" if self.unit == "line" else f"{self.unit} {self.line}"
         return f"{self.path}:{where}: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, self.unit: self.line, "reason": self.reason}
+        out = {"path": self.path, self.unit: self.line, "reason": self.reason}
+        return {**out, "scope": "file"} if self.scope == "file" else out
 
 
 @dataclass
@@ -61,6 +68,8 @@ class ReadResult:
     rows: int = 0
     formats: dict[str, int] = field(default_factory=dict)
     ignored_files: list[str] = field(default_factory=list)  # in a folder, files of no supported type
+    file_problems: list[RowProblem] = field(default_factory=list)  # scope "file", not counted as rows
+    repairs: dict[str, int] = field(default_factory=dict)  # rows the reader repaired, by rule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +89,8 @@ def _text(row: dict, key: str, required: bool = True) -> str:
     return value
 
 
-def alpaca_to_messages(row: dict) -> list[dict]:
+def alpaca_to_messages(row: dict, roles: dict[str, str] | None = None, notes: list[str] | None = None
+                       ) -> list[dict]:
     """instruction (+ input) -> user, output -> assistant; optional system and history [[q, a], ...]."""
     instruction = _text(row, "instruction")
     extra = _text(row, "input", required=False)
@@ -101,113 +111,74 @@ def alpaca_to_messages(row: dict) -> list[dict]:
     return messages
 
 
-def chat_to_messages(row: dict) -> list[dict]:
+def chat_to_messages(row: dict, roles: dict[str, str] | None = None, notes: list[str] | None = None) -> list[dict]:
+    """`messages` = [{"role", "content", "train"?}, ...]; cleaned up by the rules of `conversation`."""
     raw = row.get("messages")
-    if not isinstance(raw, list) or not raw:
+    if raw == []:
+        raise ValueError("field 'messages' is an empty list: the conversation has no turns")
+    if not isinstance(raw, list):
         raise ValueError("field 'messages' must be a non-empty list of {role, content} objects")
-    messages = []
+    table = role_table(MESSAGES_ROLES, roles)
+    messages, where = [], []
     for i, m in enumerate(raw):
+        at = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            if role in TOOL_ROLES:
-                raise ValueError(
-                    f"messages[{i}]: role '{role}' (tool calls) is not supported for training yet; "
-                    "remove tool turns or fold their result into the user turn"
-                )
-            raise ValueError(f"messages[{i}]: unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}]: 'content' must be a string, got {type(content).__name__}")
-        msg = {"role": role, "content": content}
-        if "train" in m:
-            if not isinstance(m["train"], bool):
-                raise ValueError(f"messages[{i}]: 'train' must be true or false")
-            msg["train"] = m["train"]
-        messages.append(msg)
-    check_turn_order(messages)
-    return messages
+            raise ValueError(f"{at} must be an object with 'role' and 'content'")
+        if "role" not in m:
+            raise ValueError(f"{at}: missing required field 'role'")
+        role = resolve_role(m["role"], table, at, "role")
+        messages.append({"role": role, "content": content_text(m.get("content"), at, "content"),
+                         **train_flag(m, at)})
+        where.append(at)
+    return normalise(messages, where, notes)
 
 
-def check_turn_order(messages: list[dict]) -> None:
-    roles = [m["role"] for m in messages]
-    if "system" in roles[1:]:
-        raise ValueError("a system message may only come first")
-    turns = [r for r in roles if r != "system"]
-    for i, role in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
-            raise ValueError(f"roles out of order: turn {i + 1} is '{role}', expected '{expected}' "
-                             "(user and assistant must alternate, starting with user)")
-    if "assistant" not in turns:
-        raise ValueError("the conversation has no assistant turn, so nothing would be trained")
-    if any(not m["content"].strip() for m in messages if m["role"] == "assistant"):
-        raise ValueError("an assistant message is empty")
+# A ShareGPT turn names its speaker in "from" (some tools write "role") and its text in "value"
+# (some write "content", "text" or "markdown"); the first key present is used.
+_SPEAKER_KEYS = ("from", "role")
+_TEXT_KEYS = ("value", "content", "text", "markdown")
 
 
-# ShareGPT's role spellings; anything else is reported as unknown, never guessed.
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant",
-    "chatgpt": "assistant",
-}
-# The stated rule for tool turns, in every chat format: rejected with the row named, because a
-# template that has no tool role would otherwise render them as something they are not.
-TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")
-
-
-def _tool_rule(where: str, role: str) -> ValueError:
-    return ValueError(f"{where}: role '{role}' (tool calls) is not supported for training; "
-                      "remove tool turns or fold their result into the user turn")
-
-
-def sharegpt_to_messages(row: dict) -> list[dict]:
+def sharegpt_to_messages(row: dict, roles: dict[str, str] | None = None, notes: list[str] | None = None
+                         ) -> list[dict]:
     """ShareGPT: `conversations` = [{"from": "human"|"gpt"|"system"|..., "value": text}, ...]."""
     raw = row.get("conversations")
-    if not isinstance(raw, list) or not raw:
+    if raw == []:
+        raise ValueError("field 'conversations' is an empty list: the conversation has no turns")
+    if not isinstance(raw, list):
         raise ValueError("field 'conversations' must be a non-empty list of {from, value} objects")
-    messages = []
+    table = role_table(SHAREGPT_ROLES, roles)
+    messages, where = [], []
     for i, turn in enumerate(raw):
+        at = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise ValueError(f"conversations[{i}] must be an object with 'from' and 'value'")
-        if "from" not in turn:
-            raise ValueError(f"conversations[{i}]: missing required field 'from'")
-        spoken = turn["from"]
-        if not isinstance(spoken, str):
-            raise ValueError(f"conversations[{i}]: 'from' must be a string, got {type(spoken).__name__}")
-        role = SHAREGPT_ROLES.get(spoken.lower())
-        if role is None:
-            if spoken.lower() in TOOL_ROLES:
-                raise _tool_rule(f"conversations[{i}]", spoken)
-            raise ValueError(f"conversations[{i}]: unknown role {spoken!r}; expected one of "
-                             f"{', '.join(SHAREGPT_ROLES)}")
-        value = turn.get("value")
-        if not isinstance(value, str):
-            raise ValueError(f"conversations[{i}]: 'value' must be a string, got {type(value).__name__}")
-        msg = {"role": role, "content": value}
-        if "train" in turn:
-            if not isinstance(turn["train"], bool):
-                raise ValueError(f"conversations[{i}]: 'train' must be true or false")
-            msg["train"] = turn["train"]
-        messages.append(msg)
-    check_turn_order(messages)
-    return messages
+            raise ValueError(f"{at} must be an object with 'from' and 'value'")
+        speaker = next((k for k in _SPEAKER_KEYS if k in turn), None)
+        if speaker is None:
+            raise ValueError(f"{at}: missing required field 'from'")
+        text = next((k for k in _TEXT_KEYS if k in turn), None)
+        if text is None:
+            raise ValueError(f"{at}: missing required field 'value'")
+        role = resolve_role(turn[speaker], table, at, speaker)
+        messages.append({"role": role, "content": content_text(turn[text], at, text), **train_flag(turn, at)})
+        where.append(at)
+    return normalise(messages, where, notes)
 
 
-def prompt_completion_to_messages(row: dict) -> list[dict]:
+def prompt_completion_to_messages(row: dict, roles: dict[str, str] | None = None,
+                                  notes: list[str] | None = None) -> list[dict]:
     """`prompt` + `completion`: two strings, or (TRL's conversational form) two lists of messages."""
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):
         if not (isinstance(prompt, list) and isinstance(completion, list)):
             raise ValueError("'prompt' and 'completion' must both be strings or both lists of messages")
-        return chat_to_messages({"messages": prompt + completion})
+        return chat_to_messages({"messages": prompt + completion}, roles, notes)
     return [{"role": "user", "content": _text(row, "prompt")},
             {"role": "assistant", "content": _text(row, "completion")}]
 
 
-def text_to_messages(row: dict) -> list[dict]:
+def text_to_messages(row: dict, roles: dict[str, str] | None = None, notes: list[str] | None = None
+                     ) -> list[dict]:
     """Plain text for continued pre-training: one pseudo-message, every token trained."""
     return [{"role": "text", "content": _text(row, "text")}]
 
@@ -236,7 +207,9 @@ def detect_format(row: dict) -> str | None:
     return None
 
 
-def row_to_example(row: Any, fmt: str, path: str, line: int, unit: str = "line") -> Example:
+def row_to_example(row: Any, fmt: str, path: str, line: int, unit: str = "line",
+                   roles: dict[str, str] | None = None) -> Example:
+    """One parsed row as an Example; `roles` maps extra role names (data.roles) for the chat formats."""
     if not isinstance(row, dict):
         raise ValueError(f"each row must be a JSON object, got {type(row).__name__}")
     name = detect_format(row) if fmt == "auto" else fmt
@@ -245,7 +218,9 @@ def row_to_example(row: Any, fmt: str, path: str, line: int, unit: str = "line")
                          "(instruction, input, output), chat (messages), ShareGPT (conversations), "
                          "prompt/completion, or text")
     where = f"{path}:{line}" if unit == "line" else f"{path}:{unit} {line}"
-    return Example(messages=FORMATS[name](row), source=where, format=name)
+    notes: list[str] = []
+    messages = FORMATS[name](row, roles=roles, notes=notes)
+    return Example(messages=messages, source=where, format=name, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,49 +247,72 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any | RowProblem]]:
                 yield number, RowProblem(str(path), number, f"invalid JSON at column {e.colno}: {e.msg}")
 
 
-def iter_examples(path: str | Path, fmt: str = "auto", result: ReadResult | None = None
-                  ) -> Iterator[Example | RowProblem]:
-    """Stream a file, folder or dataset as examples and problems; counts go into `result`."""
+def iter_examples(path: str | Path, fmt: str = "auto", result: ReadResult | None = None,
+                  roles: dict[str, str] | None = None) -> Iterator[Example | RowProblem]:
+    """Stream a file, folder or dataset as examples and problems; counts go into `result`.
+
+    A problem of scope "file" (a .json array cut part-way) is yielded too but is not a row: it goes
+    to `result.file_problems`, and the rows read before it count as usual.
+    """
     from .files import iter_rows
 
     result = result if result is not None else ReadResult()
     for file, line, unit, row in iter_rows(path, result.ignored_files):
+        if isinstance(row, RowProblem) and row.scope == "file":
+            result.file_problems.append(row)
+            yield row
+            continue
         result.rows += 1
         if isinstance(row, RowProblem):
             yield row
             continue
         try:
-            example = row_to_example(row, fmt, file, line, unit)
+            example = row_to_example(row, fmt, file, line, unit, roles)
         except ValueError as e:
             yield RowProblem(file, line, str(e), unit)
             continue
         result.formats[example.format] = result.formats.get(example.format, 0) + 1
+        for note in example.notes:
+            result.repairs[note] = result.repairs.get(note, 0) + 1
         yield example
 
 
-def read_examples(path: str | Path, fmt: str = "auto") -> ReadResult:
+def read_examples(path: str | Path, fmt: str = "auto", roles: dict[str, str] | None = None) -> ReadResult:
+    """Every example and row problem of a source; file-level problems land in `file_problems`."""
     result = ReadResult()
-    for item in iter_examples(path, fmt, result):
+    for item in iter_examples(path, fmt, result, roles):
         if isinstance(item, RowProblem):
-            result.problems.append(item)
+            if item.scope != "file":
+                result.problems.append(item)
         else:
             result.examples.append(item)
     return result
 
 
-def format_problems(path, problems: list[RowProblem], rows: int, max_listed: int = 10) -> str:
-    listed = "\n".join(f"  {p}" for p in problems[:max_listed])
-    more = len(problems) - max_listed
-    tail = f"\n  ... and {more} more" if more > 0 else ""
-    return f"{len(problems)} invalid row(s) in {path} (of {rows}); nothing was trained or written. " \
-           f"Fix these rows (or set data.on_error=skip to train on the valid ones):\n{listed}{tail}"
+def format_problems(path, problems: list[RowProblem], rows: int, max_listed: int = 10,
+                    file_problems: list[RowProblem] = ()) -> str:
+    """The error that stops a run: file-level problems first (each once), then the bad rows counted."""
+    parts = []
+    if file_problems:
+        listed = "\n".join(f"  {p}" for p in file_problems)
+        parts.append(f"{len(file_problems)} file problem(s); nothing was trained or written:\n{listed}\n"
+                     f"  The {rows} row(s) before the cut were read. Re-export the file, or set data.on_error=skip "
+                     "to train on those rows.")
+    if problems:
+        listed = "\n".join(f"  {p}" for p in problems[:max_listed])
+        more = len(problems) - max_listed
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        parts.append(f"{len(problems)} invalid row(s) in {path} (of {rows}); nothing was trained or written. "
+                     f"Fix these rows (or set data.on_error=skip to train on the valid ones):\n{listed}{tail}")
+    return "\n".join(parts)
 
 
-def load_examples(path: str | Path, fmt: str = "auto", max_listed: int = 10) -> ReadResult:
+def load_examples(path: str | Path, fmt: str = "auto", max_listed: int = 10,
+                  roles: dict[str, str] | None = None) -> ReadResult:
     """Read a file and stop with every problem counted (the first few listed) if any row is bad."""
-    result = read_examples(path, fmt)
-    if result.problems:
-        raise DataError(format_problems(path, result.problems, result.rows, max_listed))
+    result = read_examples(path, fmt, roles)
+    if result.problems or result.file_problems:
+        raise DataError(format_problems(path, result.problems, result.rows, max_listed, result.file_problems))
     if not result.examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return result
@@ -353,7 +351,11 @@ def row_to_prompt(row: Any, fmt: str, path: str, line: int) -> PromptRow:
         return PromptRow(messages[:-1], row["output"] if answered else None, f"{path}:{line}", "alpaca")
     if name == "messages":
         raw = row.get("messages")
-        ends_with_user = isinstance(raw, list) and raw and isinstance(raw[-1], dict) and raw[-1].get("role") == "user"
+        if isinstance(raw, list) and raw and not any(isinstance(m, dict) and m.get("role") == "user" for m in raw):
+            raise ValueError("the conversation has no user turn, so there is nothing to answer; end it with a "
+                             "user message")
+        ends_with_user = (isinstance(raw, list) and raw and isinstance(raw[-1], dict)
+                          and str(raw[-1].get("role", "")).strip().lower() == "user")
         messages = chat_to_messages({**row, "messages": list(raw) + [_PLACEHOLDER]} if ends_with_user else row)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         reference = None if ends_with_user else messages[last]["content"]

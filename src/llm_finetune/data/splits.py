@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import dataclass, field
 from typing import Any
 
 from .cache import SourceData, load_source, source_fingerprint
@@ -25,9 +26,10 @@ def example_hash(example: Example) -> bytes:
 
 def _stop_on_problems(sources: list[SourceData], on_error: str) -> None:
     problems = [p for s in sources for p in s.problems]
-    if problems and on_error == "stop":
-        names = ", ".join(s.spec for s in sources if s.problems)
-        raise DataError(format_problems(names, problems, sum(s.rows for s in sources)))
+    file_problems = [p for s in sources for p in s.file_problems]  # a .json array cut part-way, named first
+    if (problems or file_problems) and on_error == "stop":
+        names = ", ".join(s.spec for s in sources if s.problems or s.file_problems)
+        raise DataError(format_problems(names, problems, sum(s.rows for s in sources), file_problems=file_problems))
 
 
 def _weighted(items: list, weights: list[float], rng: random.Random) -> list:
@@ -42,10 +44,8 @@ def _weighted(items: list, weights: list[float], rng: random.Random) -> list:
     return out
 
 
-def build_splits(cfg, tokenizer):
-    from ..train import PreparedData
-
-    d = cfg.data
+def _train_files(d) -> tuple[list, list[float]]:
+    """data.train_file as a list, and one weight per file; the config's mistakes named with their fix."""
     files = d.train_file if isinstance(d.train_file, list) else [d.train_file]
     if not files:
         raise DataError("data.train_file is an empty list; give at least one file")
@@ -55,16 +55,42 @@ def build_splits(cfg, tokenizer):
                         "give one weight per file")
     if any(w <= 0 for w in weights):
         raise DataError(f"data.train_weights: every weight must be above 0, got {weights}")
-    if d.eval_fraction and d.eval_file:
-        raise DataError(f"data.eval_fraction={d.eval_fraction} and data.eval_file={d.eval_file!r} are both set; "
-                        "choose one: set data.eval_file=null to hold out a fraction of the training rows")
+    return files, weights
 
-    added = apply_template(tokenizer, d.template)
-    encoder = ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
-    sources = [load_source(f, encoder, d.format, d.cache) for f in files]
+
+@dataclass
+class TrainSplit:
+    """What the data step decided about the training sources: the rows trained (weighted, in order),
+    the rows held out for eval (data.eval_fraction) and for model selection (data.selection_fraction),
+    and every row dropped on the way, with its reason."""
+
+    sources: list[SourceData]
+    train_items: list[tuple[Example, Encoded | Skipped, int]]
+    held_out: list[tuple[Example, Encoded | Skipped, int]]
+    rejects: list[dict[str, Any]]
+    removed: int  # exact duplicates dropped (data.dedup)
+    selection: list[tuple[Example, Encoded | Skipped, int]] = field(default_factory=list)
+
+    def trained_examples(self) -> list[Example]:
+        """Each example that reached training once (weights repeat rows; too-long rows never trained)."""
+        seen: set[int] = set()
+        out = []
+        for ex, enc, _ in self.train_items:
+            if isinstance(enc, Encoded) and id(ex) not in seen:
+                seen.add(id(ex))
+                out.append(ex)
+        return out
+
+
+def split_training_sources(d, encoder: ChatEncoder, files: list, weights: list[float]) -> TrainSplit:
+    """Read the training sources and apply de-duplication, the seeded shuffle, the eval and selection
+    hold-outs, weights and max_train_examples: the one place that decides which rows are trained, so a later
+    `eval` re-derives exactly the same set from the run's config."""
+    sources = [load_source(f, encoder, d.format, d.cache, roles=d.roles) for f in files]
     _stop_on_problems(sources, d.on_error)
 
-    rejects: list[dict[str, Any]] = [{**p.to_dict(), "stage": "read"} for s in sources for p in s.problems]
+    rejects: list[dict[str, Any]] = [{**p.to_dict(), "stage": "read"} for s in sources
+                                     for p in s.file_problems + s.problems]
     items = []
     for i, s in enumerate(sources):
         if not s.examples:
@@ -87,17 +113,55 @@ def build_splits(cfg, tokenizer):
 
     rng = random.Random(d.shuffle_seed)
     rng.shuffle(items)
+    total = len(items)
     held_out: list = []
-    if d.eval_fraction:
-        n = max(1, round(len(items) * d.eval_fraction))
-        if n >= len(items):
-            raise DataError(f"data.eval_fraction={d.eval_fraction} leaves no training rows of {len(items)}")
-        held_out, items = items[:n], items[n:]
+    selection: list = []
+    for key in ("eval_fraction", "selection_fraction"):
+        fraction = getattr(d, key, None)
+        if fraction:
+            n = max(1, round(total * fraction))
+            if n >= len(items):
+                raise DataError(f"data.{key}={fraction} leaves no training rows of {total}; lower it")
+            part, items = items[:n], items[n:]
+            held_out, selection = (part, selection) if key == "eval_fraction" else (held_out, part)
 
     train_items = _weighted(items, weights, rng)
     rng.shuffle(train_items)
     if d.max_train_examples:
         train_items = train_items[: d.max_train_examples]
+    return TrainSplit(sources, train_items, held_out, rejects, removed, selection)
+
+
+def trained_examples(cfg, tokenizer) -> list[Example]:
+    """The examples a run with `cfg` trained on, re-derived by the same data step (for `eval`'s leak
+    check). `tokenizer` is the run's own (the adapter folder's): which rows were too long depends on it."""
+    files, weights = _train_files(cfg.data)
+    d = cfg.data
+    apply_template(tokenizer, d.template)
+    encoder = ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
+    return split_training_sources(d, encoder, files, weights).trained_examples()
+
+
+def build_splits(cfg, tokenizer):
+    from ..leakage import TrainIndex
+    from ..train import PreparedData
+
+    d = cfg.data
+    files, weights = _train_files(d)
+    if d.eval_fraction and d.eval_file:
+        raise DataError(f"data.eval_fraction={d.eval_fraction} and data.eval_file={d.eval_file!r} are both set; "
+                        "choose one: set data.eval_file=null to hold out a fraction of the training rows")
+    if getattr(d, "selection_fraction", None) and not cfg.train.eval_steps:
+        from ..config import ConfigError
+
+        raise ConfigError(f"data.selection_fraction={d.selection_fraction} holds rows out for train.eval_steps, "
+                          "which is not set: set train.eval_steps (e.g. 25) or data.selection_fraction=null")
+
+    added = apply_template(tokenizer, d.template)
+    encoder = ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
+    split = split_training_sources(d, encoder, files, weights)
+    sources, train_items, held_out, rejects = split.sources, split.train_items, split.held_out, split.rejects
+    removed = split.removed
 
     train = [enc for _, enc, _ in train_items if isinstance(enc, Encoded)]
     skipped = list({enc.source: enc for _, enc, _ in train_items if isinstance(enc, Skipped)}.values())
@@ -117,13 +181,14 @@ def build_splits(cfg, tokenizer):
 
     fingerprints["tokenizer"] = tokenizer_fingerprint(tokenizer)
     prepared = PreparedData(encoder, train, stats, fingerprints=fingerprints, rejects=rejects,
-                            added_tokens=added_token_ids(tokenizer, added))
+                            added_tokens=added_token_ids(tokenizer, added),
+                            trained_index=TrainIndex.build(split.trained_examples()))
 
     eval_source = None
     if d.eval_file:
-        es = load_source(d.eval_file, encoder, d.format, d.cache)
+        es = load_source(d.eval_file, encoder, d.format, d.cache, roles=d.roles)
         _stop_on_problems([es], d.on_error)
-        rejects += [{**p.to_dict(), "stage": "read"} for p in es.problems]
+        rejects += [{**p.to_dict(), "stage": "read"} for p in es.file_problems + es.problems]
         pairs = list(zip(es.examples, es.encoded))
         fingerprints["eval_file"] = source_fingerprint(d.eval_file)
         eval_source, sources = "file", sources + [es]
@@ -135,8 +200,14 @@ def build_splits(cfg, tokenizer):
     prepared.eval = [enc for _, enc in pairs if isinstance(enc, Encoded)]
     rejects += [{"source": enc.source, "reason": enc.reason, "stage": "eval"} for _, enc in pairs
                 if isinstance(enc, Skipped)]
-    # Plain text has no prompt/answer, so it counts for eval loss but not for the generation metric.
-    prepared.eval_examples = [ex for ex, enc in pairs if isinstance(enc, Encoded) and ex.format != "text"]
+    # Plain text has no prompt/answer: it counts for the in-training eval loss, but the report scores
+    # (loss and generation, example by example) only rows with a prompt, each paired with its encoding.
+    prepared.eval_pairs = [(ex, enc) for ex, enc in pairs if isinstance(enc, Encoded) and ex.format != "text"]
+    prepared.selection = [enc for _, enc, _ in split.selection if isinstance(enc, Encoded)]
+    rejects += [{"source": enc.source, "reason": enc.reason, "stage": "selection"} for _, enc, _ in split.selection
+                if isinstance(enc, Skipped)]
+    selection_source = "fraction" if prepared.selection else ("eval" if cfg.train.eval_steps and prepared.eval
+                                                              else None)
 
     formats: dict[str, int] = {}
     for s in sources:
@@ -148,11 +219,14 @@ def build_splits(cfg, tokenizer):
         "formats": formats,
         "rows_read": sum(s.rows for s in sources),
         "invalid_rows": sum(len(s.problems) for s in sources),
+        "file_problems": [str(p) for s in sources for p in s.file_problems],
         "on_error": d.on_error,
         "weights": dict(zip(map(str, files), weights)),
         "dedup": {"enabled": d.dedup, "removed": removed},
         "split": {"eval_source": eval_source, "eval_fraction": d.eval_fraction, "eval_examples": len(prepared.eval),
                   "eval_skipped": len(pairs) - len(prepared.eval),
+                  "eval_text_rows": len(prepared.eval) - len(prepared.eval_pairs),
+                  "selection_source": selection_source, "selection_examples": len(prepared.selection),
                   "train_examples": len(train), "shuffle_seed": d.shuffle_seed},
         "ignored_files": [f for s in sources for f in s.ignored_files],
         "cache": [{"path": s.spec, "key": s.key, "hit": s.cache_hit} for s in sources],

@@ -3,8 +3,10 @@
 The rule: the whole conversation is rendered once by the tokenizer's chat template and tokenised
 once, without adding special tokens on top (the template already has them, so nothing is doubled).
 A token is trained when its characters lie inside a trained assistant reply or that reply's
-end-of-turn marker; everything else is -100. The label mask never depends on the pad id, so the
-end-of-turn token is trained even when pad == EOS, and the tuned model learns to stop.
+end-of-turn marker; everything else is -100. With `train_on: all` every token is trained except the
+content (and end-of-turn marker) of a message marked `"train": false`, such as a leading assistant
+turn kept as context. The label mask never depends on the pad id, so the end-of-turn token is
+trained even when pad == EOS, and the tuned model learns to stop.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from typing import Any
+
+import jinja2
 
 from .records import Example
 
@@ -41,6 +45,22 @@ class Skipped:
     source: str
     reason: str
     length: int = 0  # tokens of the whole example, before any truncation
+    refused: bool = False  # the chat template cannot render this conversation: an invalid row, not a length
+
+
+def text_prefix_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text (its BOS), found by asking it.
+
+    Decided by what `tokenizer(text, add_special_tokens=True)` really adds, not by whether a
+    `bos_token` is named: SmolLM2 names `<|im_start|>` as BOS but adds nothing, and plain text must
+    not be trained as `<|im_start|>` + text.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(special) - len(plain) + 1):
+        if special[start:start + len(plain)] == plain:
+            return list(special[:start])
+    return []
 
 
 def find_end_of_turn(tokenizer) -> str | None:
@@ -54,6 +74,15 @@ def find_end_of_turn(tokenizer) -> str | None:
         if token and after.startswith(token):
             return token
     return None
+
+
+def refusal_reason(messages: list[dict], error: Exception) -> str:
+    """Why the template would not render a conversation, with what to do about it."""
+    spoken = [m["role"] for m in messages if m["role"] != "system"]
+    if spoken and spoken[0] == "assistant":
+        return (f"the chat template cannot render a conversation that starts with an assistant turn ({error}); "
+                "drop the leading assistant turn from this row, or pick a template that can (data.template: chatml)")
+    return f"the chat template refused this conversation: {error}"
 
 
 class ChatEncoder:
@@ -78,6 +107,7 @@ class ChatEncoder:
                 "tuned model would never learn to stop; use a template that does (data.template)"
             )
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        self.text_prefix = text_prefix_ids(tokenizer)
 
     # -- rendering -----------------------------------------------------------------------------
 
@@ -117,9 +147,12 @@ class ChatEncoder:
         """The rendered text and the character spans to train: each reply plus its end-of-turn token."""
         full = self._render(messages)
         if self.train_on == "all":
-            return full, [(0, len(full))]
+            return full, self._all_but_untrained(messages, full)
         spans = []
         for i in self._trained_turns(messages):
+            if i == 0:  # an opening assistant turn the row marks trained: no prompt comes before it
+                spans.append(self.content_span(messages, i, full))
+                continue
             prefix = self._render(messages[:i], generation_prompt=True)
             upto = self._render(messages[: i + 1])
             if not (full.startswith(prefix) and full.startswith(upto) and len(upto) > len(prefix)):
@@ -135,17 +168,48 @@ class ChatEncoder:
             spans.append((len(prefix), len(prefix) + end + len(self.end_of_turn)))
         return full, spans
 
+    def _all_but_untrained(self, messages: list[dict], full: str) -> list[tuple[int, int]]:
+        """train_on=all: the whole text minus the content and end-of-turn of each `"train": false` message."""
+        holes = sorted(self.content_span(messages, i, full) for i, m in enumerate(messages)
+                       if m.get("train", True) is False)
+        spans, at = [], 0
+        for a, b in holes:
+            if a > at:
+                spans.append((at, a))
+            at = max(at, b)
+        if at < len(full):
+            spans.append((at, len(full)))
+        return spans
+
+    def content_span(self, messages: list[dict], i: int, full: str) -> tuple[int, int]:
+        """Where message i's content, and the end-of-turn token right after it, lie in `full`.
+
+        The message is rendered once more with a probe in place of its content: the text before the
+        probe and the text after it are shared with `full`, so what lies between them in `full` is
+        exactly the content as the template wrote it (trimmed or not), for any template.
+        """
+        probed = [dict(m) for m in messages]
+        probed[i]["content"] = _PROBE
+        text = self._render(probed)
+        start = text.find(_PROBE)
+        after = text[start + len(_PROBE):] if start >= 0 else ""
+        end = len(full) - len(after)
+        if start < 0 or text[:start] != full[:start] or end < start or full[end:] != after:
+            raise TemplateError(f"the chat template does not render message {i + 1} where it can be found again, "
+                                "so a \"train\": false message cannot be masked exactly; use data.template")
+        gap = len(after) - len(after.lstrip(" "))
+        if after[gap:].startswith(self.end_of_turn):
+            end += gap + len(self.end_of_turn)
+        return start, end
+
     def _text_ids(self, token_ids: list[int]) -> list[int]:
-        """Plain text (continued pre-training): BOS if the tokenizer has one, the text, EOS; all trained.
+        """Plain text (continued pre-training): the tokenizer's own BOS if it adds one, the text, EOS.
 
         No chat template: the text is the document itself. EOS marks where one document ends.
         """
         tok = self.tokenizer
-        ids = list(token_ids)
-        if tok.bos_token_id is not None:
-            ids = [tok.bos_token_id] + ids
         eos = tok.eos_token_id if tok.eos_token_id is not None else self.end_of_turn_id
-        return ids + [eos]
+        return self.text_prefix + list(token_ids) + [eos]
 
     def encode_text(self, example: Example) -> tuple[list[int], list[int]]:
         ids = self._text_ids(self.tokenizer(example.messages[0]["content"], add_special_tokens=False)["input_ids"])
@@ -161,8 +225,11 @@ class ChatEncoder:
         for i, example in enumerate(examples):
             if example.format == "text":
                 texts.append(i)
-            else:
+                continue
+            try:
                 chat.append((i, *self.char_spans(self._with_system(example.messages))))
+            except jinja2.TemplateError as e:  # the template's own raise_exception(...)
+                out[i] = Skipped(example.source, refusal_reason(example.messages, e), refused=True)
         if texts:
             batch = self.tokenizer([examples[i].messages[0]["content"] for i in texts], add_special_tokens=False)
             for i, token_ids in zip(texts, batch["input_ids"]):

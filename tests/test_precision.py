@@ -1,0 +1,155 @@
+"""Which dtype the weights are loaded in and which one the forward computes in (models.training_precision):
+fp32 master weights wherever weights train in full, the half dtype as autocast; fp32 adapters on a half base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_finetune.config import load_config
+from llm_finetune.models import Precision, pick_dtype, training_precision
+
+from conftest import extraction_rows, write_jsonl
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+def _machine(monkeypatch, cuda: bool, bf16: bool = True) -> None:
+    """Pretend this machine has (or lacks) a CUDA GPU, with or without bf16 support. What probes CUDA
+    once at import (bitsandbytes picks its backend) is imported first, on the real machine."""
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda and bf16)
+
+
+@pytest.mark.parametrize("cuda,bf16,requested,full,expected", [
+    # A GPU with bf16: full keeps fp32 master weights and computes in bf16; a frozen base is loaded in bf16.
+    (True, True, "auto", True, Precision(F32, BF16)),
+    (True, True, "auto", False, Precision(BF16, BF16)),
+    (True, True, "bfloat16", True, Precision(F32, BF16)),
+    (True, True, "float16", True, Precision(F32, F16)),
+    (True, True, "float16", False, Precision(F16, F16)),
+    (True, True, "float32", True, Precision(F32, None)),
+    # A GPU without bf16: full computes in fp16 (with loss scaling); a frozen base stays fp32 as before.
+    (True, False, "auto", True, Precision(F32, F16)),
+    (True, False, "auto", False, Precision(F32, None)),
+    # CPU: fp32 throughout by default; an explicit bf16 full run still keeps fp32 master weights.
+    (False, False, "auto", True, Precision(F32, None)),
+    (False, False, "auto", False, Precision(F32, None)),
+    (False, False, "bfloat16", True, Precision(F32, BF16)),
+    (False, False, "bfloat16", False, Precision(BF16, BF16)),
+    (False, False, "float16", True, Precision(F32, None)),  # the Trainer has no fp16 autocast on CPU
+])
+def test_precision_decision(monkeypatch, cuda, bf16, requested, full, expected):
+    _machine(monkeypatch, cuda, bf16)
+    assert training_precision(requested, trains_full_weights=full) == expected
+
+
+def _changed_fraction(model, step_dtype) -> float:
+    """One AdamW step at lr 2e-5 (full fine-tuning's default) under autocast; the fraction of weights it moved."""
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 11, 64]])
+    with torch.autocast("cpu", dtype=step_dtype):
+        model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    moved = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
+    return moved / sum(b.numel() for b in before)
+
+
+def test_full_finetune_updates_survive_only_in_fp32(monkeypatch, tiny_model_dir):
+    """On a (pretend) bf16 GPU, `auto` used to load the full model in bf16, where AdamW's first updates
+    (about lr in size) are below the rounding step of most weights and vanish; the fp32 load keeps them."""
+    from transformers import AutoModelForCausalLM
+
+    _machine(monkeypatch, cuda=True)
+    precision = training_precision("auto", trains_full_weights=True)
+    bf16_load = pick_dtype("auto")  # what a full run loaded before
+    assert bf16_load == BF16 and precision.load == F32
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)  # compute on this CPU
+        lost = _changed_fraction(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=bf16_load), BF16)
+        kept = _changed_fraction(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=precision.load),
+                                 precision.autocast)
+    assert lost < 0.5 and kept > 0.99, (lost, kept)
+
+
+def _cfg(tmp_path, model_dir, *extra):
+    write_jsonl(tmp_path / "train.jsonl", extraction_rows(8))
+    return load_config(None, [f"model.name_or_path={model_dir}", f"data.train_file={tmp_path / 'train.jsonl'}",
+                              "data.eval_file=null", f"output.dir={tmp_path / 'ck'}",
+                              f"output.logs_dir={tmp_path / 'logs'}", *extra])
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,extra,load,autocast", [
+    ("full", [], "float32", "bf16"),
+    ("lora", [], "bfloat16", "bf16"),
+    ("lora", ["method.modules_to_save=[\"lm_head\"]"], "float32", "bf16"),  # the head's copy trains in full
+])
+def test_cuda_run_loads_and_autocasts(monkeypatch, tmp_path, tiny_model_dir, method, extra, load, autocast):
+    """A (pretend) CUDA bf16 run: the dtype run() loads the model in, and the Trainer's autocast flag."""
+    import llm_finetune.models as models
+    from llm_finetune.train import run, trainer_options
+
+    _machine(monkeypatch, cuda=True)
+    cfg = _cfg(tmp_path, tiny_model_dir, f"method.name={method}", *extra)
+    args = trainer_options(cfg, 10, 1e-4)  # TrainingArguments itself would initialise the (absent) GPU
+    assert (args["bf16"], args["fp16"], args["use_cpu"]) == (autocast == "bf16", autocast == "fp16", False)
+    seen = {}
+
+    def spy(source, dtype="auto", *a, **k):
+        seen["dtype"] = dtype
+        raise _Loaded
+
+    monkeypatch.setattr(models, "load_model", spy)
+    with pytest.raises(_Loaded):
+        run(cfg)
+    assert seen["dtype"] == load
+
+
+def test_gpu_without_bf16_full_run_uses_fp16_autocast(monkeypatch, tmp_path, tiny_model_dir):
+    from llm_finetune.train import trainer_options
+
+    _machine(monkeypatch, cuda=True, bf16=False)
+    args = trainer_options(_cfg(tmp_path, tiny_model_dir, "method.name=full"), 10, 1e-5)
+    assert args["fp16"] and not args["bf16"]
+
+
+def test_cpu_run_is_fp32_without_autocast(tmp_path, tiny_model_dir, monkeypatch):
+    from llm_finetune.train import run_precision, training_arguments
+
+    _machine(monkeypatch, cuda=False)
+    for method in ("full", "lora"):
+        cfg = _cfg(tmp_path, tiny_model_dir, f"method.name={method}")
+        args = training_arguments(cfg, 10, 1e-4)
+        assert not args.bf16 and not args.fp16 and args.use_cpu
+        assert run_precision(cfg) == Precision(F32, None)
+
+
+ADAPTER_METHODS = ["lora", "dora", "rslora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
+
+
+@pytest.mark.parametrize("name", ADAPTER_METHODS)
+def test_adapter_weights_are_fp32_on_a_bf16_base(tiny_model_dir, name):
+    """PEFT upcasts the adapter's own weights (autocast_adapter_dtype): the base is bf16, what trains is fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_finetune import methods
+    from llm_finetune.config import MethodConfig
+
+    options = {"num_virtual_tokens": 4} if name in methods.PROMPT_METHODS else {}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=BF16)
+    tokens = [3, 4] if name == "lora" else None  # rows of added tokens train too
+    model = methods.apply_method(model, MethodConfig(name=name, **options), total_steps=20,
+                                 tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
+                                 tokenizer_path=str(tiny_model_dir), trainable_token_indices=tokens)
+    params = dict(model.named_parameters())
+    trainable = {n: p.dtype for n, p in params.items() if p.requires_grad}
+    assert trainable and set(trainable.values()) == {F32}, trainable
+    assert {p.dtype for n, p in params.items() if not p.requires_grad} == {BF16}
