@@ -18,7 +18,7 @@ TEXT_ROWS = [{"text": "Maria Santos, 34, lives in Lisbon."},
 
 @pytest.fixture(scope="module")
 def dropout_run(tmp_path_factory, tiny_model_dir):
-    """The tiny project trained with LoRA dropout 0.1 (the default), evaluated at the end of the run."""
+    """The tiny project trained with LoRA dropout 0.1, evaluated at the end of the run."""
     from llm_finetune.train import run
 
     root = tmp_path_factory.mktemp("dropout")

@@ -10,6 +10,7 @@ import torch
 
 from llm_finetune import export
 from llm_finetune.cli import main
+from llm_finetune.config import MethodConfig
 
 from conftest import build_tiny_llama
 from result_helpers import train_tiny_adapter
@@ -240,6 +241,6 @@ def test_added_tokens_adapter_loads_in_eval_merge_and_generate(tmp_path, tiny_mo
 def test_full_finetune_with_added_tokens_evaluates_its_base(tmp_path, tiny_model_dir):
     """method=full with a template that adds tokens: the fresh base copy for the report is resized too."""
     out = train_tiny_adapter(tmp_path, tiny_model_dir, steps=2, extra=["method.name=full", "data.template=gemma",
-                                                                      "method.dropout=0.1"])
+                                                                      f"method.dropout={MethodConfig().dropout}"])
     report = json.loads((out / "eval_report.json").read_text())
     assert report["order"] == ["base", "tuned"]

@@ -147,9 +147,10 @@ class MethodConfig:
         "Fine-tuning method: lora, qlora (lora on a 4-bit NF4 base), dora, rslora, adalora, ia3, prompt_tuning, "
         "prefix_tuning, p_tuning, or full (every weight trained, no adapter).",
     )
-    r: int = _f(8, "LoRA rank (lora, qlora, dora, rslora).", min=1)
+    r: int = _f(16, "LoRA rank (lora, qlora, dora, rslora); 16 by the defaults sweep "
+                "(benchmarks/results/defaults_sweep.md).", min=1)
     alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) for rslora).", min=0)
-    dropout: float = _f(0.1, "Dropout on the LoRA input.", min=0, max=1)
+    dropout: float = _f(0.05, "Dropout on the LoRA input.", min=0, max=1)
     target_modules: list[str] | str = _f(
         "all-linear", "Module names to adapt, or 'all-linear' (every linear layer but the output head)."
     )
