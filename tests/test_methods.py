@@ -494,7 +494,7 @@ def test_impossible_combinations_refused(tmp_path, tiny_model_dir, monkeypatch, 
 
 def test_option_of_another_method_is_a_config_error():
     with pytest.raises(ConfigError, match=r"method.r does not apply to method.name='prompt_tuning'.*lora"):
-        load_config(None, ["method.name=prompt_tuning", "method.r=16"])
+        load_config(None, ["method.name=prompt_tuning", "method.r=32"])
     with pytest.raises(ConfigError, match="method.prompt_init_text does not apply"):
         load_config(None, ["method.name=prefix_tuning", "method.prompt_init_text=hello"])
     with pytest.raises(ConfigError, match="adalora_target_r"):

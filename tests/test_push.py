@@ -84,7 +84,7 @@ def test_push_adapter_uploads_exactly_the_selection_with_card(adapter, hub, caps
     assert SECRET not in card and "old card" not in card
     assert "library_name: peft" in card
     assert manifest["model"]["load_path"] in card  # the base model
-    assert '- r: `8`' in card and "- name: `\"lora\"`" in card  # method settings
+    assert '- r: `16`' in card and "- name: `\"lora\"`" in card  # method settings (r: the default)
     assert "`null`" not in card and "adalora" not in card and "num_virtual_tokens" not in card  # only lora's
     assert manifest["data"]["train_file"]["sha256"] in card and "24 lines" in card  # data fingerprint and size
     assert f"- steps: {manifest['training']['steps']}" in card and "- learning_rate: 0.01" in card

@@ -29,12 +29,12 @@ METHODS = (*LORA_FAMILY, "adalora", "ia3", *PROMPT_METHODS, "full")
 # swept, on SmolLM2-135M: benchmarks/methods_benchmark.py runs 20 steps of each at its default and
 # records the loss before and after (benchmarks/results/methods.md). The LoRA family's (with the
 # config's r=16, alpha=32, dropout 0.05) was chosen by benchmarks/defaults_sweep.py on three tasks
-# with shifted held-out sets (benchmarks/results/defaults_sweep.md); rslora's follows from it.
+# with shifted held-out sets (benchmarks/results/defaults_sweep.md); rslora keeps its own (not swept).
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "lora": 5e-4,
     "qlora": 5e-4,
     "dora": 5e-4,
-    "rslora": 1.25e-4,  # alpha/sqrt(r) scales the update sqrt(r) = 4 times more than alpha/r at r=16
+    "rslora": 5e-4,  # alpha/sqrt(r) = 8 at r=16: the step the old LoRA default (alpha/r = 4, 1e-3) took
     "adalora": 2e-3,
     "ia3": 3e-3,
     "prompt_tuning": 3e-2,
