@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .manifest import write_text
+
 
 class HubError(ValueError):
     """Pushing cannot proceed; the message says what to do."""
@@ -212,12 +214,6 @@ def model_card(kind: str, repo_id: str | None, artifact: Path, manifest: dict, r
     return "\n".join(lines)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def record_hub_base(folder: str | Path) -> str | None:
     """Name the base in adapter_config.json by its Hub id (from the folder's run_manifest.json).
 
@@ -233,7 +229,7 @@ def record_hub_base(folder: str | Path) -> str | None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if config.get("base_model_name_or_path") != hub_id:
         config["base_model_name_or_path"] = hub_id
-        _write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))  # PEFT's own layout
+        write_text(config_path, json.dumps(config, indent=2, sort_keys=True))  # PEFT's own layout
     return hub_id
 
 
@@ -247,7 +243,7 @@ def write_adapter_card(folder: str | Path) -> Path:
     kind = "adapter" if (folder / "adapter_config.json").is_file() else "merged"  # method.name=full: the model
     card = model_card(kind, None, folder, *_provenance(folder, kind))
     path = folder / "README.md"
-    _write_text_atomic(path, card)
+    write_text(path, card)
     return path
 
 

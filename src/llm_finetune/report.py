@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .manifest import write_json
+from .manifest import write_json, write_text
 
 # Rows of the tables: key in a model's "metrics", label, how to show it.
 ROWS = [
@@ -313,9 +313,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, metrics_log: str |
     report["plots"] = made
     write_json(out / "report.json", report)
     md = out / "report.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(markdown_report(report), encoding="utf-8")
-    tmp.replace(md)
+    write_text(md, markdown_report(report))
     return {"json": out / "report.json", "md": md, **{Path(p).stem: out / p for p in made}}
 
 
@@ -367,7 +365,4 @@ def write_into_adapter(adapter_dir: str | Path, report: dict[str, Any]) -> None:
     (the table for the model card), each written to a temporary name and renamed into place."""
     adapter_dir = Path(adapter_dir)
     write_json(adapter_dir / "eval_report.json", report)
-    md = adapter_dir / "eval_report.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(markdown_table(report), encoding="utf-8")
-    tmp.replace(md)
+    write_text(adapter_dir / "eval_report.md", markdown_table(report))

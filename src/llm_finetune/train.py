@@ -8,10 +8,8 @@ model is loaded or any output folder is created, so bad input never leaves half-
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,7 @@ from .config import RunConfig
 from .data.records import Example
 from .data.tokenize import ChatEncoder, EncodeStats, Encoded
 from .leakage import TrainIndex
-from .manifest import atomic_dir, package_versions, write_json
+from .manifest import atomic_dir, package_versions, write_json, write_jsonl
 from .models import Precision
 
 log = logging.getLogger("llm_finetune")
@@ -160,21 +158,6 @@ def trainer_options(cfg: RunConfig, steps: int, learning_rate: float,
     return args
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _optimizer_name(name: str) -> str:
     from .methods import OPTIMIZERS
 
@@ -238,7 +221,7 @@ def run(cfg: RunConfig) -> RunResult:
         log.warning("skipped %s: %s", s.source, s.reason)
     if data.rejects:
         rejected_path = logs_dir / "rejected_rows.jsonl"
-        write_jsonl_atomic(rejected_path, data.rejects)
+        write_jsonl(rejected_path, data.rejects)
         log.warning("data: %d row(s) not used (invalid, too long, no trained token or duplicate); each with its "
                     "reason in %s",
                     len(data.rejects), rejected_path)

@@ -132,14 +132,18 @@ def split_training_sources(d, encoder: ChatEncoder, files: list, weights: list[f
     return TrainSplit(sources, train_items, held_out, rejects, removed, selection)
 
 
+def _training_encoder(d, tokenizer) -> tuple[list[str], ChatEncoder]:
+    """data.template installed on `tokenizer` (the special tokens it had to add), and the training encoder."""
+    added = apply_template(tokenizer, d.template)
+    return added, ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
+
+
 def trained_examples(cfg, tokenizer) -> list[Example]:
     """The examples a run with `cfg` trained on, re-derived by the same data step (for `eval`'s leak
     check). `tokenizer` is the run's own (the adapter folder's): which rows were too long depends on it."""
     files, weights = _train_files(cfg.data)
-    d = cfg.data
-    apply_template(tokenizer, d.template)
-    encoder = ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
-    return split_training_sources(d, encoder, files, weights).trained_examples()
+    _, encoder = _training_encoder(cfg.data, tokenizer)
+    return split_training_sources(cfg.data, encoder, files, weights).trained_examples()
 
 
 def build_splits(cfg, tokenizer):
@@ -157,8 +161,7 @@ def build_splits(cfg, tokenizer):
         raise ConfigError(f"data.selection_fraction={d.selection_fraction} holds rows out for train.eval_steps, "
                           "which is not set: set train.eval_steps (e.g. 25) or data.selection_fraction=null")
 
-    added = apply_template(tokenizer, d.template)
-    encoder = ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
+    added, encoder = _training_encoder(d, tokenizer)
     split = split_training_sources(d, encoder, files, weights)
     sources, train_items, held_out, rejects = split.sources, split.train_items, split.held_out, split.rejects
     removed = split.removed
