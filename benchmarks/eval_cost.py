@@ -33,9 +33,9 @@ def main() -> None:
 
     from llm_finetune.config import load_config
     from llm_finetune.data.tokenize import ChatEncoder
-    from llm_finetune.evaluate import compare_models, eval_loss, load_eval_set, options_from_config, score_model
+    from llm_finetune.evaluation.report import write_report
+    from llm_finetune.evaluation.score import compare_models, eval_loss, load_eval_set, options_from_config, score_model
     from llm_finetune.models import load_model, load_tokenizer, resolve_source
-    from llm_finetune.report import write_report
 
     cfg = load_config("config/lora_config.json")
     source = resolve_source(cfg.model.name_or_path)
@@ -64,7 +64,7 @@ def main() -> None:
                                                                    encoded, opts))
     timed(f"regression set, one model ({len(reg[0])} prompts)",
           lambda: score_model(model, "m", encoder, *reg, options=opts))
-    from llm_finetune.metrics import TEXT_METRICS
+    from llm_finetune.evaluation.metrics import TEXT_METRICS
 
     predictions = [ex["m"]["prediction"] for ex in report["examples"]]
     timed("all text metrics on the held-out answers (inside the row above)",

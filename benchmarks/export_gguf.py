@@ -27,9 +27,9 @@ def main() -> None:
 
     import torch
 
-    from llm_finetune import export
-    from llm_finetune.data.records import PromptRow
+    from llm_finetune.data.prompts import PromptRow
     from llm_finetune.data.tokenize import ChatEncoder
+    from llm_finetune.export import gguf, merge, ollama
     from llm_finetune.generate import Sampling, load_for_inference, predict_file
 
     rows = ["| type | export + check (s) | size (MB) | max abs logit diff | largest abs logit | relative | tolerance (relative) | next-token argmax agreement |",
@@ -37,10 +37,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for qtype in ("f16", "q8_0"):
             t = time.time()
-            r = export.export_gguf(Path(tmp) / f"default-{qtype}.gguf", model="default", qtype=qtype)
+            r = gguf.export_gguf(Path(tmp) / f"default-{qtype}.gguf", model="default", qtype=qtype)
             c = r.check
             rows.append(f"| {qtype} | {time.time() - t:.0f} | {r.path.stat().st_size / 1e6:.1f} | {c.max_abs_diff:.3g} | "
-                        f"{c.scale:.3g} | {c.max_abs_diff / c.scale:.2e} | {export.GGUF_TOLERANCE[qtype]:g} | "
+                        f"{c.scale:.3g} | {c.max_abs_diff / c.scale:.2e} | {gguf.GGUF_TOLERANCE[qtype]:g} | "
                         f"{c.argmax_agreement:.1%} |")
             print(rows[-1], flush=True)
 

@@ -46,7 +46,7 @@ print(json.dumps(collections.Counter(re.sub(r"\\[\\d+\\]|turn \\d+", "[N]", p.re
 def make_slices(source: Path, folder: Path) -> dict[str, Path]:
     """The first SLICE rows as a whole array, and the last SLICE rows plus the file's cut-off end."""
     sys.path.insert(0, str(ROOT / "src"))
-    from llm_finetune.data.files import iter_json_array
+    from llm_finetune.data.rows import iter_json_array
 
     head, starts = [], []
     for line, row in iter_json_array(source):

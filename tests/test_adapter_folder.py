@@ -18,12 +18,11 @@ import sys
 import warnings
 
 import pytest
+from result_helpers import train_tiny_adapter
 
 from llm_finetune import models
 from llm_finetune.cli import main
 from llm_finetune.hub import method_options, plan_push, write_adapter_card
-
-from result_helpers import train_tiny_adapter
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PEFT_TEMPLATE = ("[More Information Needed]", "Model Card for Model ID")
@@ -135,10 +134,21 @@ def _default_like(tiny_model_dir):
     return resolve
 
 
+def _stand_in_for_default(mp, tiny_model_dir):
+    """Every module that resolves a model source sees the tiny model as the built-in default."""
+    import llm_finetune.evaluation.run as eval_run
+    import llm_finetune.export.merge as merge_module
+    import llm_finetune.generate as generate
+    import llm_finetune.train as train
+
+    for module in (models, train, generate, merge_module, eval_run):
+        mp.setattr(module, "resolve_source", _default_like(tiny_model_dir))
+
+
 @pytest.fixture(scope="module")
 def default_adapter(tmp_path_factory, tiny_model_dir):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "resolve_source", _default_like(tiny_model_dir))
+        _stand_in_for_default(mp, tiny_model_dir)
         return train_tiny_adapter(tmp_path_factory.mktemp("default_like"), "default", steps=4,
                                   extra=["method.dropout=0.1", "train.gradient_accumulation_steps=2",
                                          "train.batch_size=4"])
@@ -158,14 +168,14 @@ def test_adapter_config_names_the_hub_id_and_the_manifest_the_local_copy(default
 
 def test_our_commands_still_find_the_local_copy_offline(default_adapter, tiny_model_dir, tmp_path, monkeypatch,
                                                         capsys):
-    from llm_finetune.export import merge
+    from llm_finetune.export.merge import merge
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert json.loads((default_adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == HUB_ID
     # The Hub id alone resolves to nothing here (offline, not cached): only the manifest can find the base.
     with pytest.raises(models.ModelSourceError):
         models.resolve_source(HUB_ID)
-    monkeypatch.setattr(models, "resolve_source", _default_like(tiny_model_dir))
+    _stand_in_for_default(monkeypatch, tiny_model_dir)
     assert main(["generate", "Bo Chen, 31, lives in Oslo.", "--adapter", str(default_adapter),
                  "--max-new-tokens", "4"]) == 0
     assert "error" not in capsys.readouterr().err

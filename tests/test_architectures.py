@@ -8,14 +8,13 @@ import json
 
 import pytest
 import torch
+from conftest import extraction_rows, write_jsonl
+from conftest_arch import ARCHS, build_arch
 
 from llm_finetune import methods
 from llm_finetune.config import MethodConfig, load_config
 from llm_finetune.methods import MethodError
 from llm_finetune.models import load_model
-
-from conftest import extraction_rows, write_jsonl
-from conftest_arch import ARCHS, build_arch
 
 
 @pytest.fixture(scope="module")

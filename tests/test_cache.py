@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import build_tokenizer, extraction_rows, write_jsonl
 
 from llm_finetune.data.cache import cache_root, load_source
 from llm_finetune.data.templates import apply_template
 from llm_finetune.data.tokenize import ChatEncoder
-
-from conftest import build_tokenizer, extraction_rows, write_jsonl
 
 
 @pytest.fixture
@@ -100,8 +99,8 @@ def test_cache_off_and_prepare_data_records_hits(setup, tiny_model_dir):
     tmp_path, data, tok = setup
     assert not load_source(data, ChatEncoder(tok), use_cache=False).cache_hit
     from llm_finetune.config import load_config
+    from llm_finetune.data.prepare import prepare_data
     from llm_finetune.models import load_tokenizer
-    from llm_finetune.train import prepare_data
 
     cfg = load_config(None, [f"data.train_file={data}", "data.eval_file=null", "data.max_length=128"])
     first = prepare_data(cfg, load_tokenizer(str(tiny_model_dir)))

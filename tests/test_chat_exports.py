@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import build_tokenizer, write_jsonl
+from test_masks import masked_text, trained_text
 
 from llm_finetune.cli import main
 from llm_finetune.config import ConfigError, load_config
@@ -17,9 +19,6 @@ from llm_finetune.data.conversation import NOTE_CONTEXT, NOTE_EMPTY, NOTE_MERGED
 from llm_finetune.data.doctor import check
 from llm_finetune.data.records import DataError, read_examples, row_to_example
 from llm_finetune.data.tokenize import ChatEncoder, Encoded, Skipped
-
-from conftest import build_tokenizer, write_jsonl
-from test_masks import masked_text, trained_text
 
 EOT = {"chatml_tokenizer": "<|im_end|>", "llama3_tokenizer": "<|eot_id|>"}
 GREETING = {"conversations": [{"from": "gpt", "value": "Hello! How can I help?"},
@@ -104,7 +103,7 @@ def test_data_roles_config_is_validated_and_reaches_the_readers(tmp_path, chatml
     rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "bing", "value": f"a{i}"}]}
             for i in range(4)]
     write_jsonl(tmp_path / "d.jsonl", rows)
-    from llm_finetune.data.splits import build_splits
+    from llm_finetune.data.prepare import prepare_data as build_splits
 
     prepared = build_splits(cfg, chatml_tokenizer)
     assert len(prepared.train) == 4 and prepared.info["invalid_rows"] == 0

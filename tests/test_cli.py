@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
-from llm_finetune.cli import main
-
 from conftest import ROOT
+
+from llm_finetune.cli import main
 
 
 def test_help_lists_commands(capsys):

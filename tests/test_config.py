@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import ROOT
 
 from llm_finetune.config import ConfigError, load_config
-
-from conftest import ROOT
 
 
 def write(tmp_path, data, name="c.json"):

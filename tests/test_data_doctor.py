@@ -7,13 +7,12 @@ import math
 import random
 
 import pytest
+from conftest import extraction_rows, write_jsonl
 
 from llm_finetune.cli import main
 from llm_finetune.data.doctor import check, exact_quantile, preview
 from llm_finetune.data.records import read_examples
 from llm_finetune.data.tokenize import ChatEncoder, Encoded
-
-from conftest import extraction_rows, write_jsonl
 
 ROWS = extraction_rows(5) + [
     {"messages": [{"role": "user", "content": "Extract name, age and city as JSON.\n\nAna Silva, 20, lives in Lisbon."},

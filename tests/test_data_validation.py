@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import extraction_rows, write_jsonl
 
 from llm_finetune.config import load_config
 from llm_finetune.data.records import DataError, read_examples
-
-from conftest import extraction_rows, write_jsonl
 
 GOOD = json.dumps({"instruction": "Say hi", "input": "", "output": "hi"})
 
@@ -189,7 +188,7 @@ def test_missing_file_unsupported_type_and_hub_name_offline(tmp_path, monkeypatc
 
 
 def prepare(tmp_path, tokenizer, *overrides):
-    from llm_finetune.train import prepare_data
+    from llm_finetune.data.prepare import prepare_data
 
     cfg = load_config(None, ["data.eval_file=null", "data.max_length=128", *overrides])
     return prepare_data(cfg, tokenizer)
@@ -232,8 +231,11 @@ def test_fractional_weight_takes_a_seeded_part(tmp_path, chatml_tokenizer):
     (["data.eval_fraction=0.2", "data.eval_file=data/eval.jsonl"], "choose one: set data.eval_file=null"),
 ])
 def test_split_options_conflicts(tmp_path, chatml_tokenizer, overrides, message):
+    """Rules between data keys are the config's: refused when it loads, before any data is read."""
+    from llm_finetune.config import ConfigError
+
     a = write_jsonl(tmp_path / "a.jsonl", extraction_rows(5))
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(ConfigError, match=message):
         prepare(tmp_path, chatml_tokenizer, f"data.train_file={a}", *overrides)
 
 

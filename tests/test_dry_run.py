@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import ROOT
 
 from llm_finetune.cli import main
 from llm_finetune.config import load_config
-
-from conftest import ROOT
 
 SHIPPED = sorted((ROOT / "config").glob("*.json"))
 
@@ -48,7 +47,7 @@ def test_shipped_config_starts_with_its_command_and_plans(path, monkeypatch, cap
 
 
 def test_falcon7b_qlora_plan_offline(monkeypatch, capsys):
-    from llm_finetune.plan import estimate
+    from llm_finetune.dry_run import estimate
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -73,7 +72,7 @@ def test_plan_matches_a_real_run(tiny_project, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
     from llm_finetune import methods
-    from llm_finetune.plan import estimate
+    from llm_finetune.dry_run import estimate
     from llm_finetune.train import run
 
     config = tiny_project / "config.json"
@@ -104,7 +103,7 @@ def test_plan_matches_a_real_run(tiny_project, monkeypatch, capsys):
 
 
 def test_memory_follows_quantisation_and_optimizer(tiny_project):
-    from llm_finetune.plan import estimate
+    from llm_finetune.dry_run import estimate
 
     config = tiny_project / "config.json"
     fp32 = estimate(load_config(config))

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import extraction_rows, write_jsonl
 
 from llm_finetune.config import load_config
-
-from conftest import extraction_rows, write_jsonl
 
 TEXT_ROWS = [{"text": "Maria Santos, 34, lives in Lisbon."},
              {"text": "The quick brown fox jumps over the lazy dog. " * 3},
@@ -55,7 +54,7 @@ def test_scoring_runs_in_eval_mode_and_restores_the_mode(dropout_run, tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_finetune.data.tokenize import ChatEncoder
-    from llm_finetune.evaluate import load_eval_set, score_model
+    from llm_finetune.evaluation.score import load_eval_set, score_model
 
     root, result = dropout_run
     tok = AutoTokenizer.from_pretrained(result.adapter_dir)
@@ -82,7 +81,7 @@ def test_mixed_text_and_chat_eval_rows_each_report_their_own_loss(tmp_path, tiny
     from llm_finetune.cli import main
     from llm_finetune.data.records import load_examples
     from llm_finetune.data.tokenize import ChatEncoder
-    from llm_finetune.evaluate import eval_loss
+    from llm_finetune.evaluation.score import eval_loss
     from llm_finetune.train import run
 
     chat = extraction_rows(5, offset=60)
@@ -116,7 +115,7 @@ def test_mixed_text_and_chat_eval_rows_each_report_their_own_loss(tmp_path, tiny
 
 def test_regression_and_eval_sets_skip_text_rows(tmp_path, chatml_tokenizer):
     from llm_finetune.data.tokenize import ChatEncoder
-    from llm_finetune.evaluate import load_eval_set
+    from llm_finetune.evaluation.score import load_eval_set
 
     write_jsonl(tmp_path / "reg.jsonl", [TEXT_ROWS[0], {"instruction": "Capital of France?", "output": "Paris"},
                                          TEXT_ROWS[2], {"prompt": "2+2?", "completion": "4"}])
@@ -129,7 +128,7 @@ def test_misaligned_examples_and_encodings_are_refused(tmp_path, tiny_model_dir,
     from transformers import AutoModelForCausalLM
 
     from llm_finetune.data.tokenize import ChatEncoder
-    from llm_finetune.evaluate import load_eval_set, score_model
+    from llm_finetune.evaluation.score import load_eval_set, score_model
 
     write_jsonl(tmp_path / "eval.jsonl", extraction_rows(3))
     encoder = ChatEncoder(chatml_tokenizer, 128)
@@ -145,7 +144,7 @@ def test_selection_fraction_chooses_the_checkpoint_off_the_reported_set(tmp_path
     from transformers import AutoTokenizer
 
     from llm_finetune.config import ConfigError
-    from llm_finetune.data.splits import build_splits
+    from llm_finetune.data.prepare import prepare_data as build_splits
     from llm_finetune.train import run
 
     write_jsonl(tmp_path / "train.jsonl", extraction_rows(24))
@@ -172,7 +171,7 @@ def test_selection_fraction_chooses_the_checkpoint_off_the_reported_set(tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llm_finetune.evaluate import eval_loss
+    from llm_finetune.evaluation.score import eval_loss
 
     prepared = build_splits(load_config(None, settings + ["train.eval_steps=2"]),
                             AutoTokenizer.from_pretrained(result.adapter_dir))

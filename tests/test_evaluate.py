@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_finetune.evaluate import exact_match, json_match, paired_difference_interval, wilson_interval
+from llm_finetune.evaluation.score import exact_match, json_match, paired_difference_interval, wilson_interval
 
 
 def test_exact_match():

@@ -7,11 +7,10 @@ Each case gives the row and the assistant replies that must be trained, in order
 from __future__ import annotations
 
 import pytest
+from test_masks import masked_text, trained_text
 
 from llm_finetune.data.records import row_to_example
 from llm_finetune.data.tokenize import IGNORE_INDEX, ChatEncoder, Encoded, Skipped
-
-from test_masks import masked_text, trained_text
 
 EOT = {"chatml_tokenizer": "<|im_end|>", "llama3_tokenizer": "<|eot_id|>"}
 

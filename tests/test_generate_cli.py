@@ -7,12 +7,11 @@ import json
 import sys
 
 import pytest
-
-from llm_finetune.cli import main
-
 from conftest import write_jsonl
 from generation_helpers import greedy_continuation
 from result_helpers import train_tiny_adapter
+
+from llm_finetune.cli import main
 
 
 @pytest.fixture(scope="module")

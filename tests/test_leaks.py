@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import extraction_rows, write_jsonl
 
 from llm_finetune.config import load_config
 from llm_finetune.data.records import Example
-from llm_finetune.leakage import TrainIndex, find_leaks
-
-from conftest import extraction_rows, write_jsonl
+from llm_finetune.evaluation.leakage import TrainIndex, find_leaks
 
 
 def _settings(root: Path, model_dir: Path, *extra: str) -> list[str]:
@@ -122,8 +121,7 @@ def test_eval_fraction_held_out_rows_are_not_leaks(tmp_path, tiny_model_dir):
 
 
 def test_the_adapter_is_saved_before_evaluation_can_fail(tmp_path, tiny_model_dir, monkeypatch):
-    from llm_finetune import evaluate
-    from llm_finetune.train import run
+    import llm_finetune.train as train
 
     write_jsonl(tmp_path / "train.jsonl", extraction_rows(8))
     write_jsonl(tmp_path / "eval.jsonl", extraction_rows(2, offset=20))
@@ -131,11 +129,11 @@ def test_the_adapter_is_saved_before_evaluation_can_fail(tmp_path, tiny_model_di
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr(evaluate, "compare_base_and_tuned", broken)
+    monkeypatch.setattr(train, "compare_base_and_tuned", broken)
     cfg = load_config(None, _settings(tmp_path, tiny_model_dir, f"data.train_file={tmp_path / 'train.jsonl'}",
                                       f"data.eval_file={tmp_path / 'eval.jsonl'}"))
     with pytest.raises(RuntimeError, match="evaluation broke"):
-        run(cfg)
+        train.run(cfg)
     adapter = tmp_path / "checkpoints" / "adapter_model"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "run_config.json").is_file()
     assert json.loads((adapter / "run_manifest.json").read_text())["training"]["steps"] == 2

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
-
-from llm_finetune import export
-from llm_finetune.cli import main
-from llm_finetune.config import MethodConfig
-
 from conftest import build_tiny_llama
 from result_helpers import train_tiny_adapter
+
+from llm_finetune.cli import main
+from llm_finetune.config import MethodConfig
+from llm_finetune.export import gguf as gguf_export
+from llm_finetune.export import merge, ollama
 
 
 def reference_gguf():
@@ -122,7 +122,7 @@ def test_export_gguf_reads_back_with_same_logits(setup, qtype, capsys):
 
     # Independently of the exporter's own check: the file against the merged folder.
     merged = root / f"merged_for_{qtype}"
-    export.merge(adapter, merged)
+    merge.merge(adapter, merged)
     src = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(merged)
@@ -145,7 +145,7 @@ def test_export_gguf_reads_back_with_same_logits(setup, qtype, capsys):
 def test_export_check_catches_wrong_rope_layout(setup, tmp_path, monkeypatch, capsys):
     """Without llama.cpp's q/k reordering the read-back logits differ: the check refuses and writes nothing."""
     _, _, adapter = setup
-    monkeypatch.setattr(export, "permute_qk", lambda w, n_head, n_head_kv=None: w)
+    monkeypatch.setattr(gguf_export, "permute_qk", lambda w, n_head, n_head_kv=None: w)
     out = tmp_path / "bad.gguf"
     assert main(["export", "--adapter", str(adapter), "--out", str(out)]) == 2
     assert "failed its check" in capsys.readouterr().err
@@ -154,7 +154,7 @@ def test_export_check_catches_wrong_rope_layout(setup, tmp_path, monkeypatch, ca
 
 
 def test_modelfile_for_llama3_template(llama3_tokenizer):
-    text = export.ollama_modelfile(llama3_tokenizer, "m.gguf")
+    text = ollama.ollama_modelfile(llama3_tokenizer, "m.gguf")
     assert 'PARAMETER stop "<|eot_id|>"' in text
     # {{ bos_token }} opens the conversation once, outside the per-message branches; this tokenizer does not
     # add BOS by itself (tokenizer.ggml.add_bos_token false), so the template must write it.
@@ -176,8 +176,8 @@ def test_gguf_metadata_matches_shipped_default_key_by_key(tmp_path, capsys):
     assert main(["export", "--model", str(base), "--out", str(out)]) == 0
     assert "OK" in capsys.readouterr().out
 
-    ours = export.read_gguf_fields(out)
-    ref = export.read_gguf_fields(ref_path)
+    ours = gguf_export.read_gguf_fields(out)
+    ref = gguf_export.read_gguf_fields(ref_path)
     # Descriptive keys about the published SmolLM2 model (its organisation, licence, ...) are only
     # inherited when exporting that model; a random tiny model has none of them.
     descriptive = {"general.organization", "general.finetune", "general.license", "general.languages"}
@@ -207,7 +207,7 @@ def test_llama_cpp_tokenises_like_transformers(setup):
 
     root, base, _ = setup
     out = root / "llama_cpp" / "base.gguf"
-    export.export_gguf(out, model=str(base), qtype="f16")
+    gguf_export.export_gguf(out, model=str(base), qtype="f16")
     tok = AutoTokenizer.from_pretrained(base)
     llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
     for text in ["The quick brown fox.", "Maria Santos, 34, lives in Lisbon.", "今天天气很好", "<|im_start|>user\nhi"]:

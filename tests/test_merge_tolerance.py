@@ -38,7 +38,7 @@ def real_adapter(tmp_path_factory):
 
 
 def test_correct_merge_passes_on_real_logits(real_adapter):
-    from llm_finetune.export import merge_in_memory
+    from llm_finetune.export.merge import merge_in_memory
 
     _, _, checks, _, _ = merge_in_memory(real_adapter)
     check = checks[0]
@@ -51,7 +51,8 @@ def test_correct_merge_passes_on_real_logits(real_adapter):
 def test_a_one_percent_scaling_error_fails(real_adapter):
     from peft import PeftModel
 
-    from llm_finetune.export import _prompt_ids, compare, logits_for
+    from llm_finetune.export.check import compare, logits_for
+    from llm_finetune.export.check import prompt_ids as _prompt_ids
     from llm_finetune.models import load_model, load_tokenizer, resolve_source
 
     source = resolve_source("default")

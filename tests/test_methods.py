@@ -11,13 +11,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import extraction_rows, write_jsonl
 
 from llm_finetune import methods
 from llm_finetune.config import ConfigError, load_config
 from llm_finetune.methods import MethodError
 from llm_finetune.models import load_model
-
-from conftest import extraction_rows, write_jsonl
 
 # The runs below: every method, plus LoRA on an 8-bit base with the 8-bit optimizer.
 RUNS = {
@@ -93,7 +92,7 @@ def test_saved_output(runs, name, tiny_model_dir):
     out = results[name].adapter_dir
     manifest = json.loads((out / "run_manifest.json").read_text())
     assert manifest["method"] == method_of(name)
-    assert manifest["merge"] == methods.MERGE_NOTES[method_of(name)]
+    assert manifest["merge"] == methods.METHODS[method_of(name)].merge
     if name == "full":
         assert not (out / "adapter_config.json").exists()
         return
@@ -192,7 +191,7 @@ def test_merge_rules(runs, name, tiny_model_dir):
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     with torch.no_grad():
         before = model(input_ids=ids).logits[:, -ids.shape[1]:]
-    if not methods.merge_supported(method_of(name)):
+    if not methods.METHODS[method_of(name)].mergeable:
         with pytest.raises(MethodError, match="cannot be merged"):
             methods.merge_adapter(model)
         return
@@ -209,7 +208,7 @@ def test_full_needs_no_merge(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert methods.merge_adapter(model) is model
-    assert not methods.merge_supported("full") and "needs no merge" in methods.MERGE_NOTES["full"]
+    assert not methods.METHODS["full"].mergeable and "needs no merge" in methods.METHODS["full"].merge
 
 
 def test_adalora_ranks_are_pruned_over_training(runs, tiny_model_dir):
@@ -369,6 +368,7 @@ def test_adalora_allocator_runs_between_optimizer_step_and_zero_grad(tiny_model_
     from transformers import Trainer, TrainingArguments
 
     from llm_finetune.data.collate import PaddingCollator
+    from llm_finetune.trainer import AdaLoraRankAllocator, FinetuneTrainer, training_callbacks
 
     model, tok = _build(tiny_model_dir, name="adalora", adalora_init_r=4, adalora_target_r=2, total_steps=3)
     events = []
@@ -385,9 +385,9 @@ def test_adalora_allocator_runs_between_optimizer_step_and_zero_grad(tiny_model_
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=3,
                              per_device_train_batch_size=2, learning_rate=1e-2, save_strategy="no",
                              disable_tqdm=True)
-    trainer = methods.trainer_class("adalora", Trainer)(
+    trainer = FinetuneTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
-        data_collator=PaddingCollator(tok.pad_token_id), callbacks=methods.training_callbacks(model, "adalora"))
+        data_collator=PaddingCollator(tok.pad_token_id), callbacks=[AdaLoraRankAllocator(model)])
     handle = register_optimizer_step_post_hook(lambda *_: events.append(("step",)))
     try:
         trainer.train()
@@ -399,7 +399,11 @@ def test_adalora_allocator_runs_between_optimizer_step_and_zero_grad(tiny_model_
     allocations = [e for e in events if e[0] == "allocate"]
     assert [e[1] for e in allocations] == [0, 1, 2]
     assert all(e[2] for e in allocations), "update_and_allocate ran without the step's gradients"
-    assert methods.training_callbacks(None, "lora") == []
+    cfg = load_config(None, ["output.tensorboard=false"])
+    assert [type(c).__name__ for c in training_callbacks(cfg, model, tmp_path)] == ["MetricsLogger",
+                                                                                   "AdaLoraRankAllocator"]
+    lora, _ = _build(tiny_model_dir, name="lora")
+    assert [type(c).__name__ for c in training_callbacks(cfg, lora, tmp_path)] == ["MetricsLogger"]
 
 
 def test_head_trained_through_modules_to_save_stays_tied(tiny_model_dir, tmp_path):
@@ -441,12 +445,12 @@ def _cfg(tmp_path, tiny_model_dir, *extra):
 
 
 def _no_model_load(monkeypatch):
-    import llm_finetune.models as models
+    import llm_finetune.train as train
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(train, "load_model", refuse)
 
 
 def test_missing_bitsandbytes_backend_refuses_before_loading(tmp_path, tiny_model_dir, monkeypatch):
@@ -482,14 +486,12 @@ def test_paged_optimizer_refused_without_cuda(tmp_path, tiny_model_dir, monkeypa
 
 @pytest.mark.parametrize("extra,match", [
     (["method.name=full", "model.quantization=4bit"], "quantised .* weights cannot be trained"),
-    (["method.name=qlora", "model.quantization=8bit"], "4-bit NF4 base"),
+    (["method.name=qlora", "model.quantization=8bit"], "qlora means a 4bit base"),
 ])
-def test_impossible_combinations_refused(tmp_path, tiny_model_dir, monkeypatch, extra, match):
-    from llm_finetune.train import run
-
-    _no_model_load(monkeypatch)
-    with pytest.raises(MethodError, match=match):
-        run(_cfg(tmp_path, tiny_model_dir, *extra))
+def test_impossible_combinations_refused(tmp_path, tiny_model_dir, extra, match):
+    """Rules between keys are the config's: refused when it loads, before anything runs or is written."""
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, tiny_model_dir, *extra)
 
 
 def test_option_of_another_method_is_a_config_error():
@@ -503,16 +505,33 @@ def test_option_of_another_method_is_a_config_error():
     assert cfg.method.num_virtual_tokens == 10
 
 
-def test_every_method_has_defaults_and_a_merge_rule():
+def test_the_method_table_has_every_fact_for_every_method():
+    """methods.METHODS is the one table of method facts: every name the config accepts has each of them,
+    and config, merge rules and the card all read it."""
+    import dataclasses
     from typing import get_args
 
-    from llm_finetune.config import MethodConfig, MethodName
+    from llm_finetune.config import MethodConfig, MethodName, OptimizerName
 
-    assert set(get_args(MethodName)) == set(methods.METHODS) == set(methods.BUILDERS)
-    assert set(methods.DEFAULT_LEARNING_RATES) == set(methods.MERGEABLE) == set(methods.METHODS)
-    lrs = methods.DEFAULT_LEARNING_RATES
+    assert set(get_args(MethodName)) == set(methods.METHODS)
+    option_keys = {f.name for f in dataclasses.fields(MethodConfig)} - {"name"}
+    for name, m in methods.METHODS.items():
+        assert m.name == name
+        assert m.family in ("lora", "adalora", "ia3", "prompt", "full")
+        assert (m.build is None) == (m.family == "full") == (m.peft_type is None)
+        assert m.learning_rate > 0 and m.merge
+        assert set(m.options) <= option_keys, set(m.options) - option_keys
+        assert m.mergeable == (m.family not in ("prompt", "full"))
+        assert m.merge.startswith("merges" if m.mergeable else ("needs no merge" if name == "full" else "cannot"))
+        assert m.quantization in (None, "4bit", "8bit")
+    # every method.* option is read by some method
+    assert set(methods.option_readers()) == option_keys | {"name"}
+    lrs = {n: m.learning_rate for n, m in methods.METHODS.items()}
     assert lrs["full"] < lrs["lora"] < lrs["prompt_tuning"]  # orders of magnitude apart
     assert MethodConfig().name == "lora"
+    # refusing to merge is decided by PEFT type, so adapters made elsewhere are covered too
+    assert methods.merge_refusal("MULTITASK_PROMPT_TUNING") and methods.merge_refusal("LORA") is None
+    assert set(methods.OPTIMIZERS) == set(get_args(OptimizerName))
 
 
 def test_continue_from_an_existing_adapter(runs, tmp_path, tiny_model_dir):

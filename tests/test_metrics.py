@@ -5,10 +5,25 @@ from __future__ import annotations
 import pytest
 
 from llm_finetune.data.records import Example
-from llm_finetune.leakage import find_leaks
-from llm_finetune.metrics import (FormatChecker, agreement, chrf, contains_match, difference, distribution,
-                                  exact_match, json_match, mean_score, normalize_text, normalized_match,
-                                  paired_bootstrap, rate, rouge_l, token_weighted_difference, wilson_interval)
+from llm_finetune.evaluation.leakage import find_leaks
+from llm_finetune.evaluation.metrics import (
+    FormatChecker,
+    agreement,
+    chrf,
+    contains_match,
+    difference,
+    distribution,
+    exact_match,
+    json_match,
+    mean_score,
+    normalize_text,
+    normalized_match,
+    paired_bootstrap,
+    rate,
+    rouge_l,
+    token_weighted_difference,
+    wilson_interval,
+)
 
 
 def test_exact_match():

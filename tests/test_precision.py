@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import extraction_rows, write_jsonl
 
 from llm_finetune.config import load_config
 from llm_finetune.models import Precision, pick_dtype, training_precision
-
-from conftest import extraction_rows, write_jsonl
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -94,8 +93,8 @@ class _Loaded(Exception):
 ])
 def test_cuda_run_loads_and_autocasts(monkeypatch, tmp_path, tiny_model_dir, method, extra, load, autocast):
     """A (pretend) CUDA bf16 run: the dtype run() loads the model in, and the Trainer's autocast flag."""
-    import llm_finetune.models as models
-    from llm_finetune.train import run, trainer_options
+    import llm_finetune.train as train
+    from llm_finetune.trainer import trainer_options
 
     _machine(monkeypatch, cuda=True)
     cfg = _cfg(tmp_path, tiny_model_dir, f"method.name={method}", *extra)
@@ -107,14 +106,14 @@ def test_cuda_run_loads_and_autocasts(monkeypatch, tmp_path, tiny_model_dir, met
         seen["dtype"] = dtype
         raise _Loaded
 
-    monkeypatch.setattr(models, "load_model", spy)
+    monkeypatch.setattr(train, "load_model", spy)
     with pytest.raises(_Loaded):
-        run(cfg)
+        train.run(cfg)
     assert seen["dtype"] == load
 
 
 def test_gpu_without_bf16_full_run_uses_fp16_autocast(monkeypatch, tmp_path, tiny_model_dir):
-    from llm_finetune.train import trainer_options
+    from llm_finetune.trainer import trainer_options
 
     _machine(monkeypatch, cuda=True, bf16=False)
     args = trainer_options(_cfg(tmp_path, tiny_model_dir, "method.name=full"), 10, 1e-5)
@@ -122,7 +121,7 @@ def test_gpu_without_bf16_full_run_uses_fp16_autocast(monkeypatch, tmp_path, tin
 
 
 def test_cpu_run_is_fp32_without_autocast(tmp_path, tiny_model_dir, monkeypatch):
-    from llm_finetune.train import run_precision, training_arguments
+    from llm_finetune.trainer import run_precision, training_arguments
 
     _machine(monkeypatch, cuda=False)
     for method in ("full", "lora"):
@@ -143,7 +142,7 @@ def test_adapter_weights_are_fp32_on_a_bf16_base(tiny_model_dir, name):
     from llm_finetune import methods
     from llm_finetune.config import MethodConfig
 
-    options = {"num_virtual_tokens": 4} if name in methods.PROMPT_METHODS else {}
+    options = {"num_virtual_tokens": 4} if methods.METHODS[name].family == "prompt" else {}
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=BF16)
     tokens = [3, 4] if name == "lora" else None  # rows of added tokens train too
     model = methods.apply_method(model, MethodConfig(name=name, **options), total_steps=20,

@@ -11,10 +11,9 @@ import json
 
 import huggingface_hub
 import pytest
+from result_helpers import train_tiny_adapter
 
 from llm_finetune.cli import main
-
-from result_helpers import train_tiny_adapter
 
 SECRET = "hf_TESTSECRETtokenVALUE0123456789"
 
@@ -104,7 +103,8 @@ def test_dry_run_lists_everything_and_uploads_nothing(adapter, hub, capsys):
 
 
 def test_push_gguf_and_merged(adapter, hub, tmp_path, capsys):
-    from llm_finetune.export import export_gguf, merge
+    from llm_finetune.export.gguf import export_gguf
+    from llm_finetune.export.merge import merge
 
     merged = tmp_path / "merged"
     merge(adapter, merged)

@@ -17,12 +17,11 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16  # noqa: E402
+from conftest import build_tiny_llama  # noqa: E402
 
 from llm_finetune.config import MethodConfig  # noqa: E402
 from llm_finetune.methods import apply_method  # noqa: E402
 from llm_finetune.models import bnb_cpu_packs_4bit, cpu_4bit_shape_problem, load_model, quantization_skips  # noqa: E402
-
-from conftest import build_tiny_llama  # noqa: E402
 
 REAL_PACKING = bool(has_avx512bf16()) and not torch.cuda.is_available()
 

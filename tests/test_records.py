@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import write_jsonl
 
 from llm_finetune.data.records import DataError, load_examples, read_examples
-
-from conftest import write_jsonl
 
 GOOD = '{"instruction": "Say hi", "input": "", "output": "hi"}'
 

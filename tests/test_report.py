@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, extraction_rows, write_jsonl
 
 from llm_finetune.config import ConfigError, load_config
-from llm_finetune.metrics import FormatChecker, chrf, exact_match, normalized_match, rouge_l
-
-from conftest import ROOT, extraction_rows, write_jsonl
+from llm_finetune.evaluation.metrics import FormatChecker, chrf, exact_match, normalized_match, rouge_l
 
 SCHEMA = {"type": "object", "required": ["name", "age", "city"], "properties": {"age": {"type": "integer"}}}
 REGRESSION = [{"instruction": "What is the capital of France?", "output": "Paris"},
@@ -98,7 +97,7 @@ def test_report_loss_matches_a_fresh_evaluation(overfit, tiny_model_dir):
 
     from llm_finetune.data.records import load_examples
     from llm_finetune.data.tokenize import ChatEncoder
-    from llm_finetune.evaluate import eval_loss
+    from llm_finetune.evaluation.score import eval_loss
 
     root, _, result = overfit
     tok = AutoTokenizer.from_pretrained(result.adapter_dir)
@@ -151,7 +150,7 @@ def test_eval_loss_every_n_steps_tensorboard_and_best_checkpoint(overfit):
 
 def test_report_says_when_the_best_checkpoint_was_chosen_on_the_reported_set(overfit, tmp_path):
     """train.eval_steps + load_best_at_end pick the adapter on the eval set the report scores: optimistic."""
-    from llm_finetune.report import add_context
+    from llm_finetune.evaluation.report import add_context
 
     root, cfg, result = overfit
     meta = json.loads((root / "checkpoints" / "report.json").read_text())["meta"]
@@ -240,16 +239,15 @@ def test_bad_eval_settings_fail_before_anything_is_written(tmp_path, tiny_model_
              (["eval.format=regex", "eval.regex=[a-"], "eval.regex: invalid regular expression"),
              (["eval.format=json_schema", "eval.schema={\"type\": 5}"], "not a valid JSON Schema"),
              (["train.eval_steps=4", "train.save_steps=6"], "multiple of train.eval_steps")]
-    for extra, message in cases:
-        cfg = load_config(None, _overrides(tmp_path, tiny_model_dir, *extra))
+    for extra, message in cases:  # rules between keys at load time, the schema and regex themselves before training
         with pytest.raises(ConfigError, match=message):
-            run(cfg)
+            run(load_config(None, _overrides(tmp_path, tiny_model_dir, *extra)))
         assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()
 
 
 def test_shipped_regression_set_and_schema_are_valid():
     from llm_finetune.data.records import load_examples
-    from llm_finetune.evaluate import load_schema
+    from llm_finetune.evaluation.score import load_schema
 
     rows = load_examples(ROOT / "data" / "regression.jsonl").examples
     assert len(rows) >= 20 and all(ex.answer.strip() for ex in rows)
@@ -261,7 +259,7 @@ def test_shipped_regression_set_and_schema_are_valid():
 
 def test_report_for_one_model_only(overfit, tmp_path):
     """eval.compare_base=false leaves one side: the report has no difference column but is complete."""
-    from llm_finetune.report import summary_table, write_report
+    from llm_finetune.evaluation.report import summary_table, write_report
 
     root, _, _ = overfit
     report = json.loads((root / "checkpoints" / "report.json").read_text())

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from llm_finetune.config import load_config
-from llm_finetune.data.records import alpaca_to_messages, Example
-from llm_finetune.data.templates import TEMPLATES, apply_template
-from llm_finetune.data.tokenize import ChatEncoder, TemplateError
-
 from conftest import build_tokenizer, extraction_rows, write_jsonl
 from generation_helpers import greedy_continuation
 from test_masks import masked_text, trained_text
+
+from llm_finetune.config import load_config
+from llm_finetune.data.records import Example, alpaca_to_messages
+from llm_finetune.data.templates import TEMPLATES, apply_template
+from llm_finetune.data.tokenize import ChatEncoder, TemplateError
 
 ROW = {"system": "你是助手。", "history": [["你好", "你好！"]], "instruction": "Capital of France?", "output": "Paris."}
 
@@ -64,9 +63,10 @@ def test_template_errors(tmp_path):
 def test_added_tokens_are_trained_saved_and_inference_prompt_is_byte_identical(tmp_path, tiny_model_dir,
                                                                               monkeypatch):
     """gemma's markers are new to this tokenizer: added, embeddings resized, rows trained and saved."""
+    from llm_finetune.data.prepare import prepare_data
     from llm_finetune.generate import generate_batch, load_for_inference
     from llm_finetune.models import load_tokenizer
-    from llm_finetune.train import prepare_data, run
+    from llm_finetune.train import run
 
     monkeypatch.setenv("LLM_FINETUNE_CACHE", str(tmp_path / "cache"))
     write_jsonl(tmp_path / "train.jsonl", extraction_rows(16))

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import write_jsonl
 
 from llm_finetune.config import load_config
 from llm_finetune.data.records import DataError
-
-from conftest import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +67,9 @@ def test_adapter_reloads_with_plain_peft_and_same_logits(trained, tiny_model_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_finetune.evaluate import eval_loss
+    from llm_finetune.data.prepare import prepare_data
+    from llm_finetune.evaluation.score import eval_loss
     from llm_finetune.models import load_tokenizer
-    from llm_finetune.train import prepare_data
 
     root, cfg, result = trained
     tok = AutoTokenizer.from_pretrained(result.adapter_dir)

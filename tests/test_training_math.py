@@ -7,11 +7,9 @@ import json
 
 import pytest
 import torch
-
-from llm_finetune.config import load_config
-
 from conftest import extraction_rows, write_jsonl
 
+from llm_finetune.config import load_config
 
 # ---------------------------------------------------------------------------------------------
 # Item 10: train.warmup_ratio
@@ -21,7 +19,7 @@ def _learning_rates(tmp_path, tiny_model_dir, ratio: float, steps: int, schedule
     """The learning rate of each optimizer step, from the Trainer's own optimizer and scheduler."""
     from transformers import AutoModelForCausalLM, Trainer
 
-    from llm_finetune.train import training_arguments
+    from llm_finetune.trainer import training_arguments
 
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"train.warmup_ratio={ratio}",
                              f"train.lr_scheduler={scheduler}", f"output.dir={tmp_path / 'ck'}"])
@@ -39,7 +37,7 @@ def _learning_rates(tmp_path, tiny_model_dir, ratio: float, steps: int, schedule
 @pytest.mark.parametrize("ratio,steps,warmup", [(0.0, 10, 0), (0.07, 100, 7), (0.1, 10, 1), (1.0, 10, 10),
                                                 (0.05, 10, 1)])
 def test_warmup_ratio_is_a_ratio_for_every_value(tmp_path, tiny_model_dir, ratio, steps, warmup):
-    from llm_finetune.train import warmup_step_count
+    from llm_finetune.trainer import warmup_step_count
 
     assert warmup_step_count(ratio, steps) == warmup  # ceil(ratio x steps), rounding noise aside
     rates = _learning_rates(tmp_path, tiny_model_dir, ratio, steps)
@@ -100,18 +98,18 @@ def test_accumulation_gives_the_same_step(tmp_path, tiny_model_dir, method):
 def test_adalora_regulariser_counts_once_per_optimizer_step(tiny_model_dir):
     """With accumulation k, each micro-batch carries 1/k of the orthogonality term (and the weight in the
     config is left as it was)."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
 
     from llm_finetune import methods
     from llm_finetune.config import MethodConfig
-    from transformers import AutoModelForCausalLM
+    from llm_finetune.trainer import FinetuneTrainer
 
     torch.manual_seed(0)
     model = methods.apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                  MethodConfig(name="adalora", dropout=0.0, adalora_init_r=4, adalora_target_r=2),
                                  total_steps=10)
     args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", gradient_accumulation_steps=4)
-    trainer = methods.trainer_class("adalora", Trainer)(model=model, args=args)
+    trainer = FinetuneTrainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 4
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     batch = {"input_ids": ids, "labels": ids}

@@ -7,32 +7,15 @@ import os
 import sys
 from typing import Callable
 
+from .errors import UserError
+
 DEFAULT_CONFIG = "config/lora_config.json"
 
 
-class UserError(Exception):
-    """Errors whose message is the whole story for the user: printed without a traceback, exit 2."""
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .data.records import DataError
-    from .data.tokenize import TemplateError
-    from .methods import MethodError
-    from .models import ModelSourceError
-
-    from .eval_run import EvalSetupError
-
-    errors = (UserError, ConfigError, DataError, TemplateError, MethodError, ModelSourceError, FileNotFoundError,
-              FileExistsError, EvalSetupError)
-    return errors + _result_errors()
-
-
-def _result_errors() -> tuple[type[BaseException], ...]:
-    from .export import ExportError
-    from .hub import HubError
-
-    return (ExportError, HubError)
+    """What the CLI reports as a one-line message: every UserError (errors.py), and a path that is
+    missing or already there."""
+    return (UserError, FileNotFoundError, FileExistsError)
 
 
 def _load_config(args):
@@ -51,18 +34,20 @@ def _load_config(args):
 def cmd_train(args) -> int:
     cfg = _load_config(args)
     if getattr(args, "dry_run", False):
-        from .plan import estimate, format_plan
+        from .dry_run import estimate, format_plan
 
         print(format_plan(estimate(cfg, args.throughput)))
         return 0
     from .quiet import library_output_to_log
-    from .train import run
 
-    # Library notices that ask nothing of the user (deprecations, optional kernels) go to the run's log.
+    # Library notices that ask nothing of the user (deprecations, optional kernels) go to the run's log,
+    # those printed on import too: the recipe's libraries are imported inside the routing.
     with library_output_to_log(quiet_errors=_user_errors()):
+        from .train import run
+
         result = run(cfg)
     if result.report:
-        from .evaluate import format_table
+        from .evaluation.score import format_table
 
         print(f"\nBase vs tuned on {cfg.data.eval_file} ({result.report['tuned']['n']} examples):")
         print(format_table(result.report))
@@ -102,8 +87,8 @@ def cmd_eval(args) -> int:
         cfg = load_config(saved[0], args.set)
     else:
         cfg = _load_config(args)
-    from .eval_run import run_eval
-    from .report import summary_table
+    from .evaluation.report import summary_table
+    from .evaluation.run import run_eval
 
     report, paths = run_eval(cfg, args.adapter, args.against, args.eval_file, args.out)
     names = report["order"]
@@ -139,7 +124,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .data.records import load_prompts
+    from .data.prompts import load_prompts
     from .data.tokenize import ChatEncoder
     from .generate import base_for, load_for_inference, predict_file
 
@@ -181,7 +166,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .export import merge
+    from .export.merge import merge
 
     result = merge(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
     for check in result.checks or [result.check]:
@@ -192,7 +177,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_gguf
+    from .export.gguf import export_gguf
 
     if args.format != "gguf":
         raise UserError(f"--format {args.format}: only gguf is supported")
@@ -228,15 +213,12 @@ def cmd_config(args) -> int:
 def _data_encoder(args):
     """The tokenizer, template and encoding options a training run with this config would use."""
     cfg = _load_config(args)
-    from .data.templates import apply_template
-    from .data.tokenize import ChatEncoder
+    from .data.tokenize import encoder_for
     from .models import load_tokenizer, resolve_source
 
     source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
-    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    apply_template(tokenizer, cfg.data.template)
-    d = cfg.data
-    return cfg, ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
+    _, encoder = encoder_for(cfg.data, load_tokenizer(source, cfg.model.trust_remote_code))
+    return cfg, encoder
 
 
 def _data_source(args, cfg) -> str:

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message says where and how."""
+from .errors import ConfigError
+from .methods import METHODS, OPTIMIZERS, option_readers
 
 
 def _f(default, help: str, **kw):
@@ -111,33 +110,8 @@ class DataConfig:
                                   "'assistant' (the roles a chat template renders).")
 
 
-MethodName = Literal["lora", "qlora", "dora", "rslora", "adalora", "ia3", "prompt_tuning", "prefix_tuning",
-                     "p_tuning", "full"]
-
-_LORA_FAMILY = ("lora", "qlora", "dora", "rslora")
-_PEFT = (*_LORA_FAMILY, "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
-_PROMPT = ("prompt_tuning", "prefix_tuning", "p_tuning")
-
-# Which method.* options each method reads. Setting one the chosen method ignores is an error, so a
-# config never silently carries a knob that does nothing (e.g. r=64 on prompt tuning).
-METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "name": (*_PEFT, "full"),
-    "r": _LORA_FAMILY,
-    "alpha": (*_LORA_FAMILY, "adalora"),
-    "dropout": (*_LORA_FAMILY, "adalora"),
-    "target_modules": (*_LORA_FAMILY, "adalora", "ia3"),
-    "modules_to_save": _PEFT,
-    "init_adapter": _PEFT,
-    "num_virtual_tokens": _PROMPT,
-    "prompt_init_text": ("prompt_tuning",),
-    "encoder_hidden_size": ("p_tuning",),
-    "adalora_init_r": ("adalora",),
-    "adalora_target_r": ("adalora",),
-    "adalora_tinit_ratio": ("adalora",),
-    "adalora_tfinal_ratio": ("adalora",),
-    "adalora_orth_reg_weight": ("adalora",),
-    "ia3_feedforward_modules": ("ia3",),
-}
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the names in methods.METHODS
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -177,8 +151,9 @@ class MethodConfig:
         """Reject options the chosen method does not read (they would silently do nothing)."""
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                     for f in dataclasses.fields(self)}
+        readers = option_readers()
         for key in sorted(given):
-            users = METHOD_OPTIONS.get(key, ())
+            users = readers.get(key, ())
             # A key left at its default changes nothing (a saved run_config.json lists every key).
             if getattr(self, key) == defaults.get(key):
                 continue
@@ -211,7 +186,7 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep at most this many intermediate checkpoints.", min=1)
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory.")
     num_threads: int | None = _f(None, "CPU threads for torch; null = all cores.", min=1)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = _f(
+    optimizer: OptimizerName = _f(
         "adamw",
         "Optimizer: adamw (torch), adamw_8bit (bitsandbytes, 8-bit states; runs on CPU too), paged_adamw_8bit / "
         "paged_adamw_32bit (states paged to CPU memory under GPU pressure; CUDA only), adafactor, sgd.",
@@ -275,6 +250,64 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def learning_rate(self) -> float:
+        """train.learning_rate, or the method's default (methods.METHODS) when it is null."""
+        return self.train.learning_rate or METHODS[self.method.name].learning_rate
+
+    def resolved(self) -> RunConfig:
+        """A copy with every default that depends on other keys filled in (the method's learning rate):
+        what a run saves as run_config.json. The config itself is never changed after loading."""
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, learning_rate=self.learning_rate))
+
+    def validate(self, source: str) -> None:
+        """Every rule between keys of different sections, checked once when the config is loaded."""
+        d, t, e, m = self.data, self.train, self.eval, self.method
+
+        def fail(message: str):
+            raise ConfigError(f"{source}: {message}")
+
+        files = d.train_file if isinstance(d.train_file, list) else [d.train_file]
+        if not files:
+            fail("data.train_file is an empty list; give at least one file")
+        if d.train_weights is not None:
+            if len(d.train_weights) != len(files):
+                fail(f"data.train_weights has {len(d.train_weights)} entries but data.train_file has {len(files)}; "
+                     "give one weight per file")
+            if any(w <= 0 for w in d.train_weights):
+                fail(f"data.train_weights: every weight must be above 0, got {d.train_weights}")
+        if d.eval_fraction and d.eval_file:
+            fail(f"data.eval_fraction={d.eval_fraction} and data.eval_file={d.eval_file!r} are both set; choose one: "
+                 "set data.eval_file=null to hold out a fraction of the training rows")
+        if d.selection_fraction and not t.eval_steps:
+            fail(f"data.selection_fraction={d.selection_fraction} holds rows out for train.eval_steps, which is not "
+                 "set: set train.eval_steps (e.g. 25) or data.selection_fraction=null")
+        if t.eval_steps and not (d.eval_file or d.eval_fraction or d.selection_fraction):
+            fail("train.eval_steps needs a held-out set: set data.eval_file (or data.eval_fraction, or "
+                 "data.selection_fraction), or train.eval_steps=null")
+        if t.early_stopping_patience and not t.eval_steps:
+            fail("train.early_stopping_patience needs train.eval_steps (how often to measure eval loss), "
+                 "e.g. --set train.eval_steps=25")
+        if t.early_stopping_patience and not t.load_best_at_end:
+            fail("train.early_stopping_patience needs train.load_best_at_end=true (the Trainer tracks the best "
+                 "eval loss through it)")
+        if t.eval_steps and t.load_best_at_end and t.save_steps and t.save_steps % t.eval_steps:
+            fail(f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}) to keep "
+                 "the best checkpoint; or set train.save_steps=null to save only when the eval loss improves")
+        forced = METHODS[m.name].quantization
+        if forced and self.model.quantization not in ("none", forced):
+            fail(f"method.name={m.name} means a {forced} base, but model.quantization is "
+                 f"'{self.model.quantization}'. Use method.name=lora with model.quantization="
+                 f"{self.model.quantization}, or drop model.quantization.")
+        if m.name == "full" and self.model.quantization != "none":
+            fail(f"method.name=full trains every weight, and quantised ({self.model.quantization}) weights cannot be "
+                 "trained. Use model.quantization=none, or an adapter method (qlora, lora, dora, ...) on the "
+                 "quantised base.")
+        if e.format == "json_schema" and not e.schema:
+            fail("eval.format is 'json_schema' but eval.schema is not set: give a schema file path or inline JSON")
+        if e.format == "regex" and not e.regex:
+            fail("eval.format is 'regex' but eval.regex is not set, e.g. --set 'eval.regex=[A-D]'")
 
 
 SECTIONS: dict[str, type] = {
@@ -385,7 +418,9 @@ def from_dict(raw: Any, source: str = "<config>") -> RunConfig:
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section '{name}'.{_closest(name, list(SECTIONS))}")
         sections[name] = _build_section(SECTIONS[name], value, name, source)
-    return RunConfig(**sections)
+    cfg = RunConfig(**sections)
+    cfg.validate(source)
+    return cfg
 
 
 def read_file(path: str | Path) -> dict[str, Any]:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import open_adapter
+from .models import load_model, load_tokenizer, resolve_source
+
 
 @dataclass
 class Generation:
@@ -20,22 +23,15 @@ def load_for_inference(model_path: str = "default", adapter: str | None = None, 
                        quantization: str = "none"):
     """Base model (+ adapter). The tokenizer and template come from the adapter when it has them,
     so inference uses exactly the template the adapter was trained with."""
-    from .models import load_model, load_tokenizer, resolve_source
-
+    folder = open_adapter(adapter, "--adapter") if adapter else None
     source = resolve_source(model_path)
-    tok_path = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else source.load_path
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(folder.tokenizer_path(source.load_path) if folder else source.load_path)
     # The adapter's template may have added special tokens; their trained rows come with the adapter.
     model = load_model(source, dtype=dtype, quantization=quantization, tokenizer=tokenizer, cpu_4bit_packing=True)
-    if adapter:
-        from peft import PeftModel
+    if folder:
+        from peft import PeftModel  # imports a good part of PEFT: only when an adapter is applied
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            if (Path(adapter) / "config.json").is_file():  # what method.name=full writes
-                raise FileNotFoundError(f"{adapter}: a complete model (full fine-tuning), not an adapter; "
-                                        f"pass it as --model {adapter}")
-            raise FileNotFoundError(f"{adapter}: not an adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
+        model = PeftModel.from_pretrained(model, str(folder.path))
     model.eval()
     return model, tokenizer
 
@@ -170,9 +166,7 @@ def base_for(model: str | None, adapter: str | None) -> str:
     if model:
         return model
     if adapter:
-        from .export import base_model_for
-
-        return base_model_for(adapter)
+        return open_adapter(adapter, "--adapter").base_model()
     return "default"
 
 

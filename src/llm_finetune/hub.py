@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .artifacts import is_adapter_folder, is_model_folder, read_json
+from .errors import HubError
 from .manifest import write_text
-
-
-class HubError(ValueError):
-    """Pushing cannot proceed; the message says what to do."""
-
+from .methods import option_readers
 
 # Never uploaded: trainer state that is large or private to the machine, temp files, a stale card.
 EXCLUDE = (".*", "*.tmp", "checkpoint-*", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
@@ -49,16 +47,12 @@ def _excluded(rel: Path) -> bool:
     return any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in EXCLUDE)
 
 
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def detect(artifact: Path) -> str:
     if artifact.is_file() and artifact.suffix == ".gguf":
         return "gguf"
-    if artifact.is_dir() and (artifact / "adapter_config.json").is_file():
+    if artifact.is_dir() and is_adapter_folder(artifact):
         return "adapter"
-    if artifact.is_dir() and (artifact / "config.json").is_file() and any(artifact.glob("*.safetensors")):
+    if artifact.is_dir() and is_model_folder(artifact):
         return "merged"
     raise HubError(f"{artifact}: not something to push; give an adapter folder (adapter_config.json), a merged "
                    "model folder (config.json + *.safetensors) or a .gguf file")
@@ -82,8 +76,8 @@ def select_files(artifact: Path, kind: str) -> list[tuple[Path, str]]:
 def _provenance(artifact: Path, kind: str) -> tuple[dict, dict, dict, dict]:
     """(manifest, run config, eval report, merge info) from the artifact or, for a GGUF, nothing."""
     folder = artifact if artifact.is_dir() else artifact.parent
-    return (_read(folder / "run_manifest.json") or {}, _read(folder / "run_config.json") or {},
-            _read(folder / "eval_report.json") or {}, _read(folder / "llm_finetune_merge.json") or {})
+    return (read_json(folder / "run_manifest.json") or {}, read_json(folder / "run_config.json") or {},
+            read_json(folder / "eval_report.json") or {}, read_json(folder / "llm_finetune_merge.json") or {})
 
 
 def _eval_table(report: dict) -> str:
@@ -110,11 +104,10 @@ def _eval_table(report: dict) -> str:
 def method_options(method: dict[str, Any]) -> dict[str, Any]:
     """The options the method reads and that were set: run_config.json lists every method's keys, and
     a card full of other methods' nulls says nothing."""
-    from .config import METHOD_OPTIONS
-
+    readers = option_readers()
     name = method.get("name")
     return {k: v for k, v in method.items()
-            if v is not None and v != [] and (k not in METHOD_OPTIONS or name in METHOD_OPTIONS[k])}
+            if v is not None and v != [] and (k not in readers or name in readers[k])}
 
 
 def _usage_note(model: dict[str, Any], target: str) -> list[str]:
@@ -222,11 +215,11 @@ def record_hub_base(folder: str | Path) -> str | None:
     first (export.base_model_for). Returns the id written, or None when the base has no Hub id.
     """
     folder = Path(folder)
-    hub_id = ((_read(folder / "run_manifest.json") or {}).get("model") or {}).get("hub_id")
+    hub_id = ((read_json(folder / "run_manifest.json") or {}).get("model") or {}).get("hub_id")
     config_path = folder / "adapter_config.json"
     if not hub_id or not config_path.is_file():
         return None
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path)
     if config.get("base_model_name_or_path") != hub_id:
         config["base_model_name_or_path"] = hub_id
         write_text(config_path, json.dumps(config, indent=2, sort_keys=True))  # PEFT's own layout
@@ -240,7 +233,7 @@ def write_adapter_card(folder: str | Path) -> Path:
     then carries the evaluation table. Safe to call any number of times.
     """
     folder = Path(folder)
-    kind = "adapter" if (folder / "adapter_config.json").is_file() else "merged"  # method.name=full: the model
+    kind = "adapter" if is_adapter_folder(folder) else "merged"  # method.name=full: the model
     card = model_card(kind, None, folder, *_provenance(folder, kind))
     path = folder / "README.md"
     write_text(path, card)

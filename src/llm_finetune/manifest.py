@@ -27,17 +27,6 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    h = hashlib.sha256()
-    lines = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-            lines += block.count(b"\n")
-    return {"path": str(path), "sha256": h.hexdigest(), "bytes": path.stat().st_size, "lines": lines}
-
-
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
     """A hash of what decides token ids: the vocabulary, the added tokens and the chat template."""
     h = hashlib.sha256()

@@ -1,89 +1,67 @@
-"""Method name -> PEFT config, plus quantisation of the frozen base, refusal rules and merge rules.
+"""Every fine-tuning method in one table (`METHODS`), the PEFT config each builds, quantisation of the
+frozen base, what the machine can run (`preflight`), and the one merge (`merge_adapter`).
 
-One plain dict (`BUILDERS`) maps each method to the function that builds its PEFT config (`full`
-builds none: every weight trains). Each method has its own default learning rate, because prompt
-tuning, LoRA and full fine-tuning differ by orders of magnitude, so switching the method alone
-trains well. `preflight` runs before any weights are loaded and refuses, with the reason and an
-alternative, whatever cannot run on this machine.
+One `Method` record per name holds every fact about it: its PEFT type, the builder of its PEFT
+config (`full` builds none: every weight trains), its default learning rate (prompt tuning, LoRA
+and full fine-tuning differ by orders of magnitude, so switching the method alone trains well),
+the `method.*` options it reads, and what merging does to it. Config validation, the trainer, the
+merge, the model card and the dry run all read this table.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .config import MethodConfig
+from .artifacts import open_adapter
+from .errors import MethodError
+
+if TYPE_CHECKING:
+    from .config import MethodConfig
 
 log = logging.getLogger("llm_finetune")
 
-LORA_FAMILY = ("lora", "qlora", "dora", "rslora")
-PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
-METHODS = (*LORA_FAMILY, "adalora", "ia3", *PROMPT_METHODS, "full")
-
-# Peak learning rates that train well when only the method is switched (AdamW, cosine schedule).
-# They follow the usual orders of magnitude (the papers use 3e-3 for IA3, ~1e-2..3e-1 for prompt
-# tuning, 1e-4..1e-3 for the LoRA family, 1e-5..5e-5 for full fine-tuning), and were checked, not
-# swept, on SmolLM2-135M: benchmarks/methods_benchmark.py runs 20 steps of each at its default and
-# records the loss before and after (benchmarks/results/methods.md). The LoRA family's (with the
-# config's r=16, alpha=32, dropout 0.05) was chosen by benchmarks/defaults_sweep.py on three tasks
-# with shifted held-out sets (benchmarks/results/defaults_sweep.md); rslora keeps its own (not swept).
-DEFAULT_LEARNING_RATES: dict[str, float] = {
-    "lora": 5e-4,
-    "qlora": 5e-4,
-    "dora": 5e-4,
-    "rslora": 5e-4,  # alpha/sqrt(r) = 8 at r=16: the step the old LoRA default (alpha/r = 4, 1e-3) took
-    "adalora": 2e-3,
-    "ia3": 3e-3,
-    "prompt_tuning": 3e-2,
-    "prefix_tuning": 1e-2,
-    "p_tuning": 1e-2,
-    "full": 2e-5,
-}
-
-# Can the trained adapter be folded into the base weights (merge_and_unload)?
-MERGEABLE: dict[str, bool] = {
-    **{m: True for m in LORA_FAMILY}, "adalora": True, "ia3": True,
-    **{m: False for m in PROMPT_METHODS},
-    "full": False,  # nothing to merge: the output already is a complete model
-}
-
-MERGE_NOTES: dict[str, str] = {
-    **{m: "merges: the low-rank update is added into each adapted weight" for m in LORA_FAMILY},
-    "adalora": "merges: the pruned SVD-form update is added into each adapted weight",
-    "ia3": "merges: the learned scaling vectors multiply into the adapted weights",
-    **{m: "cannot be merged: the learned virtual tokens are extra inputs, not a change of any weight; "
-          "load the adapter with PEFT at inference" for m in PROMPT_METHODS},
-    "full": "needs no merge: the output folder already is a complete model",
-}
-
-PEFT_TYPES = {"LORA": LORA_FAMILY, "ADALORA": ("adalora",), "IA3": ("ia3",), "PROMPT_TUNING": ("prompt_tuning",),
-              "PREFIX_TUNING": ("prefix_tuning",), "P_TUNING": ("p_tuning",)}
-
 DEFAULT_VIRTUAL_TOKENS = 20
 
-OPTIMIZERS = {  # train.optimizer -> TrainingArguments.optim
-    "adamw": "adamw_torch",
-    "adamw_8bit": "adamw_bnb_8bit",
-    "paged_adamw_8bit": "paged_adamw_8bit",
-    "paged_adamw_32bit": "paged_adamw_32bit",
-    "adafactor": "adafactor",
-    "sgd": "sgd",
-}
+# PEFT types whose learned part is a set of virtual tokens, not a weight delta: nothing to fold in.
+# By PEFT type (not our method name), so adapters made by other tools are refused too.
+UNMERGEABLE_PEFT_TYPES = frozenset({"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING",
+                                    "ADAPTION_PROMPT", "CPT"})
+
+_LORA_OPTIONS = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "init_adapter")
+_PROMPT_OPTIONS = ("modules_to_save", "init_adapter", "num_virtual_tokens")
+_ADALORA_OPTIONS = ("alpha", "dropout", "target_modules", "modules_to_save", "init_adapter", "adalora_init_r",
+                    "adalora_target_r", "adalora_tinit_ratio", "adalora_tfinal_ratio", "adalora_orth_reg_weight")
 
 
-class MethodError(ValueError):
-    """A method cannot be built or run as configured; the message says why and what to use instead."""
+@dataclass(frozen=True)
+class Method:
+    """Everything the package knows about one `method.name`."""
 
+    name: str
+    family: str  # "lora" | "adalora" | "ia3" | "prompt" | "full": how PEFT treats it
+    peft_type: str | None  # the PeftType its adapter records; None: no adapter (full fine-tuning)
+    build: Callable[..., Any] | None  # (MethodConfig, BuildContext) -> PEFT config; None for full
+    # Peak learning rate that trains well when only the method is switched (AdamW, cosine schedule).
+    learning_rate: float
+    options: tuple[str, ...]  # the method.* keys it reads (besides name)
+    merge: str  # what merging does to it, or why it cannot merge (the manifest and the card say this)
+    quantization: str | None = None  # a base quantisation the method implies (qlora: 4bit)
 
-def merge_supported(method: str) -> bool:
-    return MERGEABLE[method]
+    @property
+    def mergeable(self) -> bool:
+        return self.peft_type is not None and self.peft_type not in UNMERGEABLE_PEFT_TYPES
 
+    @property
+    def adapts_layers(self) -> bool:
+        """Adds weights to chosen layers (target_modules; can train added token rows)."""
+        return self.family in ("lora", "adalora", "ia3")
 
-def default_learning_rate(name: str) -> float:
-    return DEFAULT_LEARNING_RATES[name]
+    @property
+    def keeps_tied_copies(self) -> bool:
+        """PEFT keeps a tied embedding/head tied when it is trained through modules_to_save."""
+        return self.family in ("lora", "adalora")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,17 +69,9 @@ def default_learning_rate(name: str) -> float:
 
 
 def effective_quantization(method: str, quantization: str) -> str:
-    """qlora is lora on a 4-bit base; every other method loads the base as model.quantization says."""
-    if method == "qlora":
-        if quantization == "8bit":
-            raise MethodError("method.name=qlora means a 4-bit NF4 base, but model.quantization is '8bit'. "
-                              "Use method.name=lora with model.quantization=8bit, or drop model.quantization.")
-        return "4bit"
-    if method == "full" and quantization != "none":
-        raise MethodError(f"method.name=full trains every weight, and quantised ({quantization}) weights cannot be "
-                          "trained. Use model.quantization=none, or an adapter method (qlora, lora, dora, ...) "
-                          "on the quantised base.")
-    return quantization
+    """The base's quantisation: the one the method implies (qlora: 4bit), else model.quantization.
+    (config.RunConfig.validate refuses a method with a quantisation it cannot use.)"""
+    return METHODS[method].quantization or quantization
 
 
 def bitsandbytes_problem() -> str | None:
@@ -137,11 +107,11 @@ def preflight(cfg) -> list[str]:
         if not cuda:
             notes.append(f"{quant} base on CPU: bitsandbytes' CPU kernels work but are slow; fine for small models")
     optim = cfg.train.optimizer
-    if optim.startswith("paged_") and not cuda:
+    if OPTIMIZERS[optim].needs_cuda and not cuda:
         raise MethodError(f"train.optimizer={optim}: paged optimizers move optimizer state between GPU and CPU "
                           "memory and need CUDA; this machine has no GPU. Use train.optimizer=adamw_8bit "
                           "(8-bit states, works on CPU) or adamw.")
-    if optim in ("adamw_8bit", "paged_adamw_8bit"):
+    if OPTIMIZERS[optim].needs_bitsandbytes:
         problem = bitsandbytes_problem()
         if problem:
             raise MethodError(f"train.optimizer={optim} needs bitsandbytes: {problem}. Use train.optimizer=adamw.")
@@ -151,18 +121,18 @@ def preflight(cfg) -> list[str]:
 
 
 def check_init_adapter(path: str, method: str) -> None:
-    config_file = Path(path) / "adapter_config.json"
-    if not config_file.is_file():
-        raise MethodError(f"method.init_adapter: {path} is not an adapter folder (no adapter_config.json).")
-    peft_type = json.loads(config_file.read_text()).get("peft_type")
-    if method not in PEFT_TYPES.get(peft_type, ()):
+    """method.init_adapter must hold an adapter of a PEFT type `method` can continue."""
+    peft_type = open_adapter(path, "method.init_adapter").peft_type
+    if METHODS[method].peft_type != peft_type:
+        others = [m.name for m in METHODS.values() if m.peft_type == peft_type]
         raise MethodError(f"method.init_adapter: {path} holds a {peft_type} adapter, which method.name={method!r} "
-                          f"cannot continue; use method.name={PEFT_TYPES.get(peft_type, ('?',))[0]!r}.")
+                          f"cannot continue; use method.name={others[0] if others else '?'!r}.")
 
 
-def quantization_config(mode: str, skip_modules: list[str] | None = None):
+def quantization_config(mode: str, compute_dtype, skip_modules: list[str] | None = None):
     """BitsAndBytesConfig for a 4-bit (NF4, double quantisation) or 8-bit base.
 
+    `compute_dtype`: what 4-bit layers compute in (models.load_model passes the training dtype).
     `skip_modules`: modules left unquantised (None = transformers' defaults: the output head);
     `models.quantization_skips` computes them for this machine's kernels."""
     from transformers import BitsAndBytesConfig
@@ -171,15 +141,11 @@ def quantization_config(mode: str, skip_modules: list[str] | None = None):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise MethodError(f"model.quantization={mode!r} needs bitsandbytes: pip install bitsandbytes") from None
-    import torch
-
-    from .models import pick_dtype
 
     if mode == "4bit":
-        # NF4 with double quantisation: the QLoRA recipe. Compute in the training dtype.
+        # NF4 with double quantisation: the QLoRA recipe.
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=pick_dtype("auto") if torch.cuda.is_available()
-                                  else torch.float32, llm_int8_skip_modules=skip_modules)
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip_modules)
     if mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     raise MethodError(f"model.quantization: unknown mode {mode!r}")
@@ -241,7 +207,7 @@ def _tied_modules_to_save(model, cfg: MethodConfig) -> bool:
     saved = {s.rsplit(".", 1)[-1] for s in cfg.modules_to_save}
     if not saved & tied:
         return False
-    if cfg.name not in (*LORA_FAMILY, "adalora"):
+    if not METHODS[cfg.name].keeps_tied_copies:
         raise MethodError(
             f"method.modules_to_save names {sorted(saved & tied)}, which is tied to "
             f"{sorted(tied - saved) or 'itself'}; only the LoRA family (lora, qlora, dora, rslora, adalora) keeps "
@@ -314,8 +280,8 @@ def adalora_config(cfg: MethodConfig, ctx: BuildContext):
 
 def ia3_config(cfg: MethodConfig, ctx: BuildContext):
     from peft import IA3Config, TaskType
-    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
-                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
 
     _tied_modules_to_save(ctx.model, cfg)
     model_type = ctx.model.config.model_type
@@ -373,20 +339,63 @@ def p_tuning_config(cfg: MethodConfig, ctx: BuildContext):
                                ctx.model.config.hidden_size, modules_to_save=cfg.modules_to_save or None)
 
 
-BUILDERS: dict[str, Callable[[MethodConfig, BuildContext], Any] | None] = {
-    "lora": lora_config,
-    "qlora": lora_config,  # the 4-bit base comes from effective_quantization
-    "dora": lora_config,
-    "rslora": lora_config,
-    "adalora": adalora_config,
-    "ia3": ia3_config,
-    "prompt_tuning": prompt_tuning_config,
-    "prefix_tuning": prefix_tuning_config,
-    "p_tuning": p_tuning_config,
-    "full": None,
+_LORA_MERGE = "merges: the low-rank update is added into each adapted weight"
+_PROMPT_MERGE = ("cannot be merged: the learned virtual tokens are extra inputs, not a change of any weight; "
+                 "load the adapter with PEFT at inference")
+
+# The learning rates follow the usual orders of magnitude (the papers use 3e-3 for IA3, ~1e-2..3e-1 for
+# prompt tuning, 1e-4..1e-3 for the LoRA family, 1e-5..5e-5 for full fine-tuning) and were checked, not
+# swept, on SmolLM2-135M: benchmarks/methods_benchmark.py runs 20 steps of each at its default
+# (benchmarks/results/methods.md). The LoRA family's (with r=16, alpha=32, dropout 0.05) was chosen by
+# benchmarks/defaults_sweep.py on three tasks (benchmarks/results/defaults_sweep.md); rslora keeps its
+# own (not swept): alpha/sqrt(r) = 8 at r=16, the step the old LoRA default (alpha/r = 4, 1e-3) took.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("lora", "lora", "LORA", lora_config, 5e-4, _LORA_OPTIONS, _LORA_MERGE),
+    Method("qlora", "lora", "LORA", lora_config, 5e-4, _LORA_OPTIONS, _LORA_MERGE, quantization="4bit"),
+    Method("dora", "lora", "LORA", lora_config, 5e-4, _LORA_OPTIONS, _LORA_MERGE),
+    Method("rslora", "lora", "LORA", lora_config, 5e-4, _LORA_OPTIONS, _LORA_MERGE),
+    Method("adalora", "adalora", "ADALORA", adalora_config, 2e-3, _ADALORA_OPTIONS,
+           "merges: the pruned SVD-form update is added into each adapted weight"),
+    Method("ia3", "ia3", "IA3", ia3_config, 3e-3,
+           ("target_modules", "modules_to_save", "init_adapter", "ia3_feedforward_modules"),
+           "merges: the learned scaling vectors multiply into the adapted weights"),
+    Method("prompt_tuning", "prompt", "PROMPT_TUNING", prompt_tuning_config, 3e-2,
+           (*_PROMPT_OPTIONS, "prompt_init_text"), _PROMPT_MERGE),
+    Method("prefix_tuning", "prompt", "PREFIX_TUNING", prefix_tuning_config, 1e-2, _PROMPT_OPTIONS, _PROMPT_MERGE),
+    Method("p_tuning", "prompt", "P_TUNING", p_tuning_config, 1e-2, (*_PROMPT_OPTIONS, "encoder_hidden_size"),
+           _PROMPT_MERGE),
+    Method("full", "full", None, None, 2e-5, (), "needs no merge: the output folder already is a complete model"),
+)}
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """One train.optimizer choice."""
+
+    trainer_name: str  # TrainingArguments.optim
+    state_bytes: int  # optimizer state per trainable parameter (the dry run's memory estimate)
+    needs_cuda: bool = False
+    needs_bitsandbytes: bool = False
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    "adamw": Optimizer("adamw_torch", 8),
+    "adamw_8bit": Optimizer("adamw_bnb_8bit", 2, needs_bitsandbytes=True),
+    "paged_adamw_8bit": Optimizer("paged_adamw_8bit", 2, needs_cuda=True, needs_bitsandbytes=True),
+    "paged_adamw_32bit": Optimizer("paged_adamw_32bit", 8, needs_cuda=True, needs_bitsandbytes=True),
+    # factored second moment: about (rows + cols) per matrix; 1 B/param is generous
+    "adafactor": Optimizer("adafactor", 1),
+    "sgd": Optimizer("sgd", 0),
 }
 
-PEFT_CONFIGS = BUILDERS  # the earlier name
+
+def option_readers() -> dict[str, tuple[str, ...]]:
+    """method.* key -> the methods that read it (derived from METHODS; `name` is read by all)."""
+    keys: dict[str, tuple[str, ...]] = {"name": tuple(METHODS)}
+    for m in METHODS.values():
+        for key in m.options:
+            keys[key] = (*keys.get(key, ()), m.name)
+    return keys
 
 
 def is_quantized(model) -> bool:
@@ -417,11 +426,12 @@ def apply_method(model, cfg: MethodConfig, total_steps: int | None = None, token
         if cfg.name == "adalora" and total_steps:
             peft_model.peft_config["default"].total_step = total_steps
         return peft_model
-    if cfg.name in (*LORA_FAMILY, "adalora", "ia3"):
+    method = METHODS[cfg.name]
+    if method.adapts_layers:
         check_targets(model, cfg.target_modules)
-    peft_config = BUILDERS[cfg.name](cfg, BuildContext(model, total_steps, tokenizer, tokenizer_path))
+    peft_config = method.build(cfg, BuildContext(model, total_steps, tokenizer, tokenizer_path))
     if trainable_token_indices:
-        if cfg.name not in (*LORA_FAMILY, "adalora", "ia3"):
+        if not method.adapts_layers:
             raise MethodError(f"method {cfg.name}: the template adds special tokens whose embedding rows must be "
                               "trained, which this method cannot do; use a LoRA-family method or a tokenizer "
                               "that already has the template's tokens")
@@ -433,56 +443,6 @@ def apply_method(model, cfg: MethodConfig, total_steps: int | None = None, token
             raise MethodError(f"method {cfg.name}: {e} Linear layers this model has: "
                               f"{', '.join(linear_module_names(model))}.") from None
         raise
-
-
-def training_callbacks(model, method: str) -> list:
-    """Callbacks a method needs inside the Trainer loop (AdaLoRA's rank allocation)."""
-    if method != "adalora":
-        return []
-    from transformers import TrainerCallback
-
-    class AdaLoraRankAllocator(TrainerCallback):
-        """update_and_allocate needs the gradients (importance = |w * grad|) and must run after the
-        optimizer step and before zero_grad: Trainer's on_optimizer_step is exactly that point."""
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            model.base_model.update_and_allocate(state.global_step)
-
-    return [AdaLoraRankAllocator()]
-
-
-def trainer_class(method: str, base: type) -> type:
-    """The Trainer class a method trains with: `base`, or for AdaLoRA a subclass whose orthogonality
-    regulariser weighs the same whatever the gradient accumulation.
-
-    PEFT adds `orth_reg_weight * R` to the loss of every forward pass (AdaLoraModel.forward). The
-    Trainer passes `num_items_in_batch` (the accumulated batch's supervised tokens) to the model,
-    so each micro-batch's cross-entropy is already a share of the accumulated batch's mean and the
-    Trainer does not divide by the accumulation steps: the regulariser would count once per
-    micro-batch, k times with accumulation k. Each micro-batch here carries 1/k of it instead, so
-    (batch 8, accumulation 1) and (batch 2, accumulation 4) give the same loss and gradients.
-    """
-    if method != "adalora":
-        return base
-
-    class AdaLoraTrainer(base):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss_is_a_share = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else
-                               (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                               or self.compute_loss_func is not None)  # as Trainer.training_step decides
-            micro_batches = getattr(self, "current_gradient_accumulation_steps", 1)
-            if not (model.training and loss_is_a_share and micro_batches > 1):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            adalora = self.accelerator.unwrap_model(model).base_model  # AdaLoraModel, which adds the term
-            config = adalora.peft_config[adalora.trainable_adapter_name]
-            weight = config.orth_reg_weight
-            config.orth_reg_weight = weight / micro_batches
-            try:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            finally:
-                config.orth_reg_weight = weight
-
-    return AdaLoraTrainer
 
 
 def _numel(p) -> int:
@@ -508,29 +468,48 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Merge rules
+# Merge: the only call of PEFT's merge_and_unload
 
 
-def peft_method_of(model) -> str:
-    """The method family of a loaded model: 'full' for a plain model, else from its PEFT config."""
+def merge_refusal(peft_type: str | None) -> str | None:
+    """Why an adapter of this PEFT type cannot be folded into its base, or None when it can."""
+    if peft_type in UNMERGEABLE_PEFT_TYPES:
+        return (f"a {peft_type.lower()} adapter learns virtual tokens that are prepended at run time, not a change "
+                "to the weights, so it cannot be merged into the base model or exported to GGUF. Use it with "
+                "`llm-finetune generate --adapter`, or train with method.name=lora/dora to get a mergeable adapter")
+    return None
+
+
+def peft_type_of(model) -> str | None:
+    """The active adapter's PEFT type of a loaded model; None for a plain model."""
     config = getattr(model, "peft_config", None)
     if not config:
-        return "full"
-    peft_type = str(getattr(config[getattr(model, "active_adapter", "default")], "peft_type").value)
-    return PEFT_TYPES[peft_type][0]
+        return None
+    return str(getattr(config[getattr(model, "active_adapter", "default")], "peft_type").value)
+
+
+def _shares_storage(a, b) -> bool:
+    return a is not None and b is not None and a.weight.data_ptr() == b.weight.data_ptr()
 
 
 def merge_adapter(model):
-    """Fold a trained adapter into its base and return a plain model; refuse what cannot merge."""
-    method = peft_method_of(model)
-    if method == "full":
-        return model
-    if not MERGEABLE[method]:
-        raise MethodError(f"a {method} adapter {MERGE_NOTES[method]}.")
+    """Fold a loaded adapter into its base and return the plain model.
+
+    Refuses by PEFT type (`merge_refusal`: also adapters made by other tools), and checks the tie of
+    input embeddings and output head by storage, not only by the config flag: a base whose head
+    shares the embedding matrix must still share it after the merge (PEFT would otherwise add a
+    low-rank update to the shared matrix twice, or untie the pair)."""
+    peft_type = peft_type_of(model)
+    if peft_type is None:
+        return model  # full fine-tuning: the model already is complete
+    refusal = merge_refusal(peft_type)
+    if refusal:
+        raise MethodError(refusal)
     base = model.get_base_model()
-    was_tied = bool(tied_module_names(base))
+    was_tied = _shares_storage(base.get_input_embeddings(), base.get_output_embeddings())
     merged = model.merge_and_unload()
-    if was_tied and not tied_module_names(merged):
-        raise MethodError("merging untied the output head from the input embeddings; train the head through "
-                          "method.modules_to_save (kept tied) instead.")
+    if was_tied and not _shares_storage(merged.get_input_embeddings(), merged.get_output_embeddings()):
+        raise MethodError("merging untied the output head from the input embeddings (the adapter changed one of "
+                          "them); train the head through method.modules_to_save (kept tied) instead, or leave "
+                          "embed_tokens/lm_head out of method.target_modules")
     return merged

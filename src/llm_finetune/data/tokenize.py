@@ -17,14 +17,13 @@ from typing import Any
 
 import jinja2
 
+from ..errors import TemplateError
 from .records import Example
+from .templates import apply_template
 
 IGNORE_INDEX = -100
 _PROBE = "\u2063PROBE\u2063"
 
-
-class TemplateError(ValueError):
-    """The chat template cannot be used for training as it is; the message says what to do."""
 
 
 @dataclass
@@ -211,10 +210,6 @@ class ChatEncoder:
         eos = tok.eos_token_id if tok.eos_token_id is not None else self.end_of_turn_id
         return self.text_prefix + list(token_ids) + [eos]
 
-    def encode_text(self, example: Example) -> tuple[list[int], list[int]]:
-        ids = self._text_ids(self.tokenizer(example.messages[0]["content"], add_special_tokens=False)["input_ids"])
-        return ids, list(ids)
-
     def encode(self, example: Example) -> Encoded | Skipped:
         return self.encode_many([example])[0]
 
@@ -299,18 +294,18 @@ class EncodeStats:
         }
 
 
-def encode_all(encoder: ChatEncoder, examples: list[Example]) -> tuple[list[Encoded], EncodeStats]:
-    stats = EncodeStats(skipped=[])
-    out = []
-    for ex in examples:
-        stats.examples += 1
-        enc = encoder.encode(ex)
-        if isinstance(enc, Skipped):
-            stats.skipped.append(enc)
-            continue
-        stats.kept += 1
-        stats.truncated += enc.truncated
-        stats.tokens += len(enc.input_ids)
-        stats.trained_tokens += enc.num_trained
-        out.append(enc)
-    return out, stats
+def encoder_for(data, tokenizer) -> tuple[list[str], ChatEncoder]:
+    """The one place an encoder is built from the `data` config section: data.template installed on
+    `tokenizer` (returns the special tokens it had to add), then the encoder with data.max_length,
+    truncation, train_on and system_prompt. Training, `eval`, `data check` and `data preview` all use
+    it, so they encode alike."""
+    added = apply_template(tokenizer, data.template)
+    return added, ChatEncoder(tokenizer, data.max_length, data.truncation, data.train_on, data.system_prompt)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer: the template's end-of-turn marker(s), else EOS (no usable template)."""
+    try:
+        return ChatEncoder(tokenizer).generation_eos_ids()
+    except ValueError:
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

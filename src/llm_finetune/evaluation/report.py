@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .manifest import write_json, write_text
+from ..manifest import write_json, write_text
+from .leakage import find_leaks, format_leaks
 
 # Rows of the tables: key in a model's "metrics", label, how to show it.
 ROWS = [
@@ -101,8 +102,6 @@ def summary_table(report: dict[str, Any]) -> str:
                      f"({r['difference']['eval_loss']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]), answer contains the "
                      f"reference {r[names[0]]['score']:.0%} -> {r[names[-1]]['score']:.0%}")
     if "leaks" in report:
-        from .leakage import format_leaks
-
         lines.append(format_leaks(report["leaks"]))
     elif report.get("meta", {}).get("leak_check"):
         lines.append(f"leak check {report['meta']['leak_check']}")
@@ -179,8 +178,6 @@ def markdown_report(report: dict[str, Any]) -> str:
     if "leaks" not in report and meta.get("leak_check"):
         parts += ["## Leak check", "", f"leak check {meta['leak_check']}", ""]
     if "leaks" in report:
-        from .leakage import format_leaks
-
         leaks = report["leaks"]
         parts += ["## Leak check", "", format_leaks(leaks), ""]
         for hit in leaks["listed"]:
@@ -336,8 +333,6 @@ def add_context(report: dict[str, Any], cfg, eval_examples: list, source=None, b
     None when they are not known: then `leak_note` says why in meta.leak_check). A `leak_note` next to
     `trained` qualifies the check (e.g. the training data changed since the run)."""
     import time
-
-    from .leakage import find_leaks
 
     model = (source.hub_id or str(source.load_path)) if source is not None else cfg.model.name_or_path
     report["meta"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "eval_file": cfg.data.eval_file,

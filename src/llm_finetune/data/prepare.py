@@ -1,4 +1,7 @@
-"""From config to training and eval sets: sources mixed by weight, de-duplicated, split, shuffled.
+"""The data step: from config to training and eval sets (`prepare_data` -> `PreparedData`).
+
+Sources are read (cache.py), mixed by weight, de-duplicated, split and shuffled, then encoded by
+the one encoder the config describes (tokenize.encoder_for).
 
 Every row that does not reach training is counted and kept with its reason (`rejects`), and every
 choice (template, weights, eval source, de-duplication, seed, cache use) goes into the manifest.
@@ -6,22 +9,42 @@ choice (template, weights, eval source, de-duplication, seed, cache use) goes in
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ConfigError, DataError
+from ..evaluation.leakage import TrainIndex
+from ..manifest import tokenizer_fingerprint
 from .cache import SourceData, load_source, source_fingerprint
-from .records import DataError, Example, format_problems
-from .templates import added_token_ids, apply_template
-from .tokenize import ChatEncoder, EncodeStats, Encoded, Skipped
+from .records import Example, example_hash, format_problems
+from .templates import added_token_ids
+from .tokenize import ChatEncoder, Encoded, EncodeStats, Skipped, encoder_for
 
 
-def example_hash(example: Example) -> bytes:
-    """8 bytes identifying an example's content exactly (the same conversation in any format)."""
-    text = json.dumps([example.format == "text", example.messages], ensure_ascii=False, sort_keys=True)
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+@dataclass
+class PreparedData:
+    """Everything training and its report need from the data, decided once by `prepare_data`."""
+
+    encoder: ChatEncoder
+    train: list[Encoded]
+    train_stats: EncodeStats
+    # The rows the report scores (those with a prompt), each with its own encoding: one list of pairs,
+    # so a per-example value can never be read off another example.
+    eval_pairs: list[tuple[Example, Encoded]] = field(default_factory=list)
+    eval: list[Encoded] = field(default_factory=list)  # every held-out row, text too: the in-training eval loss
+    # data.selection_fraction: rows held out of training for train.eval_steps (best checkpoint, early
+    # stopping) in place of `eval`, so the reported set takes no part in choosing the adapter.
+    selection: list[Encoded] = field(default_factory=list)
+    fingerprints: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # splits, dedup, template, cache: for the manifest
+    rejects: list[dict[str, Any]] = field(default_factory=list)  # invalid or dropped rows, with reasons
+    added_tokens: list[int] = field(default_factory=list)  # special tokens the template added
+    trained_index: TrainIndex | None = None  # keys of the examples actually trained: the leak check's reference
+
+    @property
+    def eval_examples(self) -> list[Example]:
+        return [ex for ex, _ in self.eval_pairs]
 
 
 def _stop_on_problems(sources: list[SourceData], on_error: str) -> None:
@@ -132,36 +155,29 @@ def split_training_sources(d, encoder: ChatEncoder, files: list, weights: list[f
     return TrainSplit(sources, train_items, held_out, rejects, removed, selection)
 
 
-def _training_encoder(d, tokenizer) -> tuple[list[str], ChatEncoder]:
-    """data.template installed on `tokenizer` (the special tokens it had to add), and the training encoder."""
-    added = apply_template(tokenizer, d.template)
-    return added, ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
-
-
 def trained_examples(cfg, tokenizer) -> list[Example]:
     """The examples a run with `cfg` trained on, re-derived by the same data step (for `eval`'s leak
     check). `tokenizer` is the run's own (the adapter folder's): which rows were too long depends on it."""
     files, weights = _train_files(cfg.data)
-    _, encoder = _training_encoder(cfg.data, tokenizer)
+    _, encoder = encoder_for(cfg.data, tokenizer)
     return split_training_sources(cfg.data, encoder, files, weights).trained_examples()
 
 
-def build_splits(cfg, tokenizer):
-    from ..leakage import TrainIndex
-    from ..train import PreparedData
+def prepare_data(cfg, tokenizer) -> PreparedData:
+    """Read, validate and encode the data; raises DataError naming the line on any bad row.
 
+    Nothing is written here (the cache aside), so a bad row stops the run before any output exists.
+    """
     d = cfg.data
     files, weights = _train_files(d)
     if d.eval_fraction and d.eval_file:
         raise DataError(f"data.eval_fraction={d.eval_fraction} and data.eval_file={d.eval_file!r} are both set; "
                         "choose one: set data.eval_file=null to hold out a fraction of the training rows")
     if getattr(d, "selection_fraction", None) and not cfg.train.eval_steps:
-        from ..config import ConfigError
-
         raise ConfigError(f"data.selection_fraction={d.selection_fraction} holds rows out for train.eval_steps, "
                           "which is not set: set train.eval_steps (e.g. 25) or data.selection_fraction=null")
 
-    added, encoder = _training_encoder(d, tokenizer)
+    added, encoder = encoder_for(d, tokenizer)
     split = split_training_sources(d, encoder, files, weights)
     sources, train_items, held_out, rejects = split.sources, split.train_items, split.held_out, split.rejects
     removed = split.removed
@@ -180,8 +196,6 @@ def build_splits(cfg, tokenizer):
     fingerprints: dict[str, Any] = {"train_file": source_fingerprint(files[0])}
     if len(files) > 1:
         fingerprints["train_files"] = [fingerprints["train_file"]] + [source_fingerprint(f) for f in files[1:]]
-    from ..manifest import tokenizer_fingerprint
-
     fingerprints["tokenizer"] = tokenizer_fingerprint(tokenizer)
     prepared = PreparedData(encoder, train, stats, fingerprints=fingerprints, rejects=rejects,
                             added_tokens=added_token_ids(tokenizer, added),

@@ -14,10 +14,11 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .records import DataError, RowProblem, iter_jsonl
+from ..errors import DataError
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".parquet")
 # CSV cells are text; these columns hold structures, written as JSON inside the cell.
@@ -27,6 +28,45 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CHUNK = 1 << 20
 
 Row = tuple[str, int, str, Any]  # (file, line or row number, "line" | "row", parsed row or RowProblem)
+
+
+@dataclass
+class RowProblem:
+    path: str
+    line: int
+    reason: str
+    unit: str = "line"  # "row" for files without lines (parquet, hub datasets)
+    # "file" for a problem of the whole file (a .json array cut part-way): the rows before it are
+    # fine and it is reported once, above the row problems, not as one of them.
+    scope: str = "row"
+
+    def __str__(self) -> str:
+        where = f"{self.line}" if self.unit == "line" else f"{self.unit} {self.line}"
+        return f"{self.path}:{where}: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"path": self.path, self.unit: self.line, "reason": self.reason}
+        return {**out, "scope": "file"} if self.scope == "file" else out
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any | RowProblem]]:
+    """Yield (line number, parsed row or problem), streaming; BOM, CRLF and blank lines accepted."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, RowProblem(str(path), number, f"bytes that are not UTF-8 at column {e.start + 1}; "
+                                                           "re-save the file as UTF-8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield number, RowProblem(str(path), number, f"invalid JSON at column {e.colno}: {e.msg}")
 
 
 def _not_utf8(value: Any) -> bool:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .data.records import Example
+from ..data.records import Example
 from .metrics import normalize_spaces
 
 KINDS = ("exact", "normalized", "prompt")

@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import methods
 from .config import RunConfig
+from .data.prepare import prepare_data
+from .data.records import load_examples
+from .errors import MethodError, ModelSourceError
+from .models import load_tokenizer, pick_dtype, resolve_source
+from .trainer import plan_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_CONFIGS = "config/model_configs"
 
-OPTIMIZER_BYTES = {  # optimizer state bytes per trainable parameter
-    "adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2,
-    "adafactor": 1,  # factored second moment: about (rows + cols) per matrix; 1 B/param is generous
-    "sgd": 0,
-}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -79,7 +80,6 @@ def architecture_config(cfg: RunConfig):
     """(transformers config, where it came from, tokenizer path or None). Never loads weights."""
     from transformers import AutoConfig
 
-    from .models import ModelSourceError, resolve_source
 
     name = cfg.model.name_or_path
     path = Path(name).expanduser()
@@ -135,8 +135,6 @@ def _hidden_layers_vocab(config) -> tuple[int, int, int]:
 def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
     import torch
 
-    from . import methods
-    from .models import pick_dtype
 
     config, config_source, tok_path = architecture_config(cfg)
     quant = methods.effective_quantization(cfg.method.name, cfg.model.quantization)
@@ -147,8 +145,6 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
 
     tokenizer = None
     if tok_path:
-        from .models import load_tokenizer
-
         tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
 
     # Tokens and steps, from the real data where it is at hand.
@@ -157,8 +153,6 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
     mean_len = None
     if Path(cfg.data.train_file).is_file():
         if tokenizer is not None:
-            from .train import plan_steps, prepare_data
-
             data_cfg = copy.deepcopy(cfg)
             data_cfg.data.eval_file = None
             data = prepare_data(data_cfg, tokenizer)
@@ -166,8 +160,6 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
             steps = plan_steps(cfg, data)
             tokens_note = f"{data.train_stats.trained_tokens:,} of them trained (assistant tokens)"
         else:
-            from .data.records import load_examples
-
             rows = load_examples(cfg.data.train_file, cfg.data.format, roles=cfg.data.roles).examples
             if cfg.data.max_train_examples:
                 rows = rows[: cfg.data.max_train_examples]
@@ -210,7 +202,7 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
         base_weights = total_base * wbytes
     adapter_bytes = adapter * 4  # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype)
     grad_bytes = trainable * (wbytes if cfg.method.name == "full" else 4)
-    optim_bytes = trainable * OPTIMIZER_BYTES[cfg.train.optimizer]
+    optim_bytes = trainable * methods.OPTIMIZERS[cfg.train.optimizer].state_bytes
     hidden, layers, vocab = _hidden_layers_vocab(config)
     seq = cfg.data.max_length  # a batch holding one longest example pads every row to it
     tokens_in_batch = cfg.train.batch_size * seq
@@ -232,7 +224,7 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
     try:
         for note in methods.preflight(cfg):
             notes.append(note)
-    except methods.MethodError as e:
+    except MethodError as e:
         notes.append(f"on this machine the run would be refused: {e}")
 
     # Throughput: given, else measured by an earlier run of the same model and method.

@@ -16,11 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
-
-
-class EvalSetupError(ValueError):
-    """Bad eval invocation (missing adapter, no eval file); the message says what to pass."""
+from ..artifacts import RUN_MANIFEST, open_adapter, read_json
+from ..config import ConfigError, RunConfig, load_config
+from ..data.cache import source_fingerprint
+from ..data.prepare import trained_examples
+from ..data.rows import is_hub_name
+from ..data.tokenize import encoder_for
+from ..errors import EvalSetupError
+from ..models import load_model, load_tokenizer, resolve_source
+from .leakage import TrainIndex
+from .report import add_context, write_report
+from .score import compare_models, load_eval_set, options_from_config
 
 
 @dataclass
@@ -34,11 +40,7 @@ class Side:
 
 
 def _check_adapter(path: str | Path) -> Path:
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        hint = " (train first: llm-finetune train)" if not path.exists() else ""
-        raise EvalSetupError(f"{path}: not an adapter folder (no adapter_config.json){hint}")
-    return path
+    return open_adapter(path, "--adapter").path
 
 
 def plan_sides(cfg: RunConfig, adapters: list[str], against: str | None) -> list[Side]:
@@ -56,19 +58,8 @@ def plan_sides(cfg: RunConfig, adapters: list[str], against: str | None) -> list
     return [Side("A", _check_adapter(against)), Side("B", after)]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _changed_files(files: list, recorded: dict[str, Any]) -> list[str]:
     """The training sources whose content differs from the hashes the run recorded (none recorded: none)."""
-    from .data.cache import source_fingerprint
-
     before = recorded.get("train_files") or ([recorded["train_file"]] if recorded.get("train_file") else [])
     changed = []
     for f, old in zip(files, before):
@@ -83,12 +74,6 @@ def trained_reference(adapter: Path, trust_remote_code: bool = False):
     run_config.json in its folder by the data step training used (same split, weights, de-duplication
     and tokenizer). Returns (TrainIndex or None, note): a missing or changed training set is a note in
     the report, never a failure of the evaluation."""
-    from .config import ConfigError, load_config
-    from .data.files import is_hub_name
-    from .data.splits import trained_examples
-    from .leakage import TrainIndex
-    from .models import load_tokenizer
-
     run_config = adapter / "run_config.json"
     if not run_config.is_file():
         return None, f"{adapter} has no run_config.json, so the examples it was trained on are unknown"
@@ -101,10 +86,10 @@ def trained_reference(adapter: Path, trust_remote_code: bool = False):
     gone = [str(f) for f in files if not is_hub_name(f) and not Path(f).exists()]
     if gone:
         return None, f"the run's training data is gone ({', '.join(gone)}, per {run_config})"
-    changed = _changed_files(files, _read_json(adapter / "run_manifest.json").get("data", {}))
+    changed = _changed_files(files, (read_json(adapter / RUN_MANIFEST) or {}).get("data", {}))
     try:
-        tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file()
-                                   else run_cfg.model.name_or_path, trust_remote_code)
+        tokenizer = load_tokenizer(open_adapter(adapter).tokenizer_path(run_cfg.model.name_or_path),
+                                   trust_remote_code)
         examples = trained_examples(run_cfg, tokenizer)
     except Exception as e:  # noqa: BLE001 - a leak check that cannot run is reported, not fatal
         return None, f"the trained examples could not be re-derived from {run_config}: {e}"
@@ -115,9 +100,7 @@ def trained_reference(adapter: Path, trust_remote_code: bool = False):
 
 def _best_on_this_set(adapter: Path, eval_file: str) -> tuple[dict | None, bool]:
     """The best-checkpoint record of the adapter's run, and whether it was chosen on `eval_file`."""
-    from .data.cache import source_fingerprint
-
-    manifest = _read_json(adapter / "run_manifest.json")
+    manifest = (read_json(adapter / RUN_MANIFEST) or {})
     best = manifest.get("best_checkpoint")
     if not best:
         return None, False
@@ -138,10 +121,6 @@ def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | N
              eval_file: str | None = None, out_dir: str | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
     from peft import PeftModel
 
-    from .data.tokenize import ChatEncoder
-    from .evaluate import compare_models, load_eval_set, options_from_config
-    from .models import load_model, load_tokenizer, resolve_source
-    from .report import add_context, write_report
 
     sides = plan_sides(cfg, list(adapters or []), against)
     eval_file = eval_file or cfg.data.eval_file
@@ -152,10 +131,10 @@ def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | N
 
     source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
     newest = sides[-1].adapter
-    tok_path = newest if newest and (newest / "tokenizer_config.json").is_file() else source.load_path
+    tok_path = open_adapter(newest).tokenizer_path(source.load_path) if newest else source.load_path
     tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
     d = cfg.data
-    encoder = ChatEncoder(tokenizer, d.max_length, d.truncation, d.train_on, d.system_prompt)
+    _, encoder = encoder_for(d, tokenizer)
     examples, encoded = load_eval_set(eval_file, encoder, d.format, cfg.eval.max_examples, d.on_error, d.roles)
     if not examples:
         raise EvalSetupError(f"{eval_file}: no row to score: every row is plain text (no prompt to answer) or "

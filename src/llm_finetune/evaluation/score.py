@@ -17,13 +17,27 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
-from .data.collate import PaddingCollator
-from .data.records import Example
-from .data.tokenize import IGNORE_INDEX, ChatEncoder, Encoded
-from .generate import Generation, generate_batch
-from .metrics import (BOOLEAN_METRICS, TEXT_METRICS, FormatChecker, agreement, difference, distribution,
-                      exact_match, json_match, mean_score, paired_bootstrap, rate, token_weighted_difference,
-                      wilson_interval)
+from ..config import ConfigError
+from ..data.collate import PaddingCollator
+from ..data.records import DataError, Example, format_problems, read_examples
+from ..data.tokenize import IGNORE_INDEX, ChatEncoder, Encoded
+from ..generate import Generation, generate_batch
+from .metrics import (
+    BOOLEAN_METRICS,
+    TEXT_METRICS,
+    FormatChecker,
+    agreement,
+    difference,
+    distribution,
+    exact_match,
+    json_match,
+    mean_score,
+    paired_bootstrap,
+    rate,
+    token_weighted_difference,
+    wilson_interval,
+)
+from .report import summary_table
 
 __all__ = ["exact_match", "json_match", "wilson_interval", "paired_difference_interval", "eval_loss",
            "score_model", "compare_base_and_tuned", "compare_models", "format_table", "EvalOptions"]
@@ -54,8 +68,6 @@ class EvalOptions:
 
 def load_schema(text_or_path: str | dict, where: str = "eval.schema") -> dict:
     """A JSON Schema given as an object, inline JSON text (starting with '{') or a file path."""
-    from .config import ConfigError
-
     if isinstance(text_or_path, dict):
         return text_or_path
     text = text_or_path
@@ -77,23 +89,16 @@ def options_from_config(e) -> EvalOptions:
     """EvalConfig -> EvalOptions; a bad schema or regex is a ConfigError naming the key."""
     import re
 
-    from .config import ConfigError
-
     checker = None
     fmt = getattr(e, "format", "none")
-    if fmt == "json_schema":
-        if not e.schema:
-            raise ConfigError("eval.format is 'json_schema' but eval.schema is not set: give a schema file path "
-                              "or inline JSON")
+    if fmt == "json_schema":  # config.RunConfig.validate made sure eval.schema is set
         import jsonschema
 
         try:
             checker = FormatChecker("json_schema", schema=load_schema(e.schema))
         except jsonschema.SchemaError as err:
             raise ConfigError(f"eval.schema: not a valid JSON Schema: {err.message}") from None
-    elif fmt == "regex":
-        if not e.regex:
-            raise ConfigError("eval.format is 'regex' but eval.regex is not set, e.g. --set 'eval.regex=[A-D]'")
+    elif fmt == "regex":  # and eval.regex
         try:
             checker = FormatChecker("regex", regex=e.regex)
         except re.error as err:
@@ -382,8 +387,6 @@ def compare_base_and_tuned(model, encoder: ChatEncoder, examples: list[Example],
 
 def format_table(report: dict[str, Any]) -> str:
     """The short terminal summary (the full one is report.md)."""
-    from .report import summary_table
-
     return summary_table(report)
 
 
@@ -395,7 +398,6 @@ def load_eval_set(path: str, encoder: ChatEncoder, fmt: str = "auto", max_exampl
     listed, or are left out under on_error='skip' (as training does with data.on_error)."""
     import logging
 
-    from .data.records import DataError, format_problems, read_examples
 
     result = read_examples(path, fmt, roles)
     if (result.problems or result.file_problems) and on_error != "skip":

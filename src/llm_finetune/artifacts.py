@@ -1,0 +1,129 @@
+"""Reading what a run wrote: is a folder an adapter, which base it belongs to, its tokenizer, its config.
+
+Every command that takes an adapter folder (eval, generate, chat, predict, merge, export, push,
+method.init_adapter) opens it here, so "is this an adapter?" has one answer and one error, and
+"the adapter's tokenizer, else the base's" is written once. Reading never writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError
+
+ADAPTER_CONFIG = "adapter_config.json"
+RUN_MANIFEST = "run_manifest.json"
+RUN_CONFIG = "run_config.json"
+MERGE_RECORD = "llm_finetune_merge.json"  # written by `merge` into the merged folder
+SOURCE_RECORD = "llm_finetune_source.json"  # written when the default model is converted from its GGUF
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object file a run wrote; None when it is absent. A file that does not parse is an error
+    naming it (a half-copied or hand-edited file is never read as empty)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: cannot be read as JSON ({e}); restore it from the run, or delete the folder "
+                            "and train again") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A complete model (what `merge` or method.name=full writes): config.json and safetensors weights."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+@dataclass
+class AdapterFolder:
+    """An adapter folder as a run left it: PEFT's adapter_config.json, and (when llm-finetune wrote it)
+    run_manifest.json, run_config.json and the tokenizer the adapter was trained with."""
+
+    path: Path
+    config: dict[str, Any]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "")).upper()
+
+    @property
+    def run_config_path(self) -> Path | None:
+        path = self.path / RUN_CONFIG
+        return path if path.is_file() else None
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return (self.path / "tokenizer_config.json").is_file()
+
+    def tokenizer_path(self, base_path: str | Path) -> str:
+        """The adapter's own tokenizer (it carries the template it was trained with), else the base's."""
+        return str(self.path) if self.has_tokenizer else str(base_path)
+
+    @property
+    def quantization(self) -> str:
+        """The quantisation of the base it was trained on ('none', '4bit', '8bit')."""
+        return self.manifest.get("quantization") or "none"
+
+    def base_model(self, override: str | None = None) -> str:
+        """The base it was trained on: `override` (--model) if given, else what its manifest recorded,
+        else PEFT's base_model_name_or_path."""
+        if override:
+            return override
+        model = self.manifest.get("model") or {}
+        if model.get("kind") == "default":
+            return "default"
+        if model.get("kind") == "gguf" and model.get("original"):
+            return model["original"]
+        if model.get("kind") == "local" and model.get("load_path"):
+            return model["load_path"]
+        if model.get("hub_id"):
+            return model["hub_id"]
+        base = self.config.get("base_model_name_or_path")
+        if not base:
+            raise ArtifactError(f"{self.path}: cannot tell which base model it belongs to (no {RUN_MANIFEST} and no "
+                                "base_model_name_or_path in its adapter_config.json); pass --model")
+        return base
+
+
+def open_adapter(path: str | Path, role: str = "adapter") -> AdapterFolder:
+    """The adapter folder at `path`, or an ArtifactError that says what `path` is instead and what to pass.
+
+    `role` names where the path came from in the message (e.g. "--adapter", "method.init_adapter")."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{role}: {path}: not an adapter folder: it does not exist (train one first with "
+                            "`llm-finetune train`, or give the folder it wrote, e.g. checkpoints/adapter_model)")
+    if not is_adapter_folder(path):
+        if (path / "config.json").is_file():  # what method.name=full and `merge` write
+            raise ArtifactError(f"{role}: {path}: a complete model (full fine-tuning or a merge), not an adapter; "
+                                f"pass it as --model {path}")
+        raise ArtifactError(f"{role}: {path}: not an adapter folder (no {ADAPTER_CONFIG}). Pass the folder written "
+                            "by `llm-finetune train`, e.g. checkpoints/adapter_model")
+    return AdapterFolder(path, read_json(path / ADAPTER_CONFIG) or {}, read_json(path / RUN_MANIFEST) or {})
+
+
+def original_gguf(folder: str | Path) -> Path | None:
+    """The GGUF file a model folder came from, if any (the built-in default is converted from one; a
+    merged folder records its base's)."""
+    folder = Path(folder)
+    source = read_json(folder / SOURCE_RECORD)
+    if source and source.get("gguf"):
+        return Path(source["gguf"])
+    merged = read_json(folder / MERGE_RECORD)
+    if merged and (merged.get("base") or {}).get("original"):
+        return Path(merged["base"]["original"])
+    return None
