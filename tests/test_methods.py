@@ -568,5 +568,6 @@ def test_ia3_targets_and_feedforward_modules(tiny_model_dir):
     layers = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, IA3Layer)}
     assert set(layers) == {"k_proj", "v_proj", "down_proj"}
     assert layers["down_proj"].is_feedforward and not layers["k_proj"].is_feedforward
-    with pytest.raises(MethodError, match="subset"):
-        _build(tiny_model_dir, name="ia3", target_modules=["q_proj"], ia3_feedforward_modules=["down_proj"])
+    with pytest.raises(ConfigError, match="subset"):
+        load_config(None, ["method.name=ia3", 'method.target_modules=["q_proj"]',
+                           'method.ia3_feedforward_modules=["down_proj"]'])

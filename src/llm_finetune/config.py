@@ -161,6 +161,10 @@ class MethodConfig:
                 raise ConfigError(
                     f"{source}: method.{key} does not apply to method.name={self.name!r} (it is read by: "
                     f"{', '.join(users)}). Remove it, or choose one of those methods.")
+        ff, targets = self.ia3_feedforward_modules, self.target_modules
+        if ff and isinstance(targets, list) and not set(ff) <= set(targets):
+            raise ConfigError(f"{source}: method.ia3_feedforward_modules {ff} must be a subset of "
+                              f"method.target_modules {targets} (IA3 scales the input of those it adapts).")
         if self.adalora_init_r and self.adalora_target_r and self.adalora_target_r > self.adalora_init_r:
             raise ConfigError(f"{source}: method.adalora_target_r ({self.adalora_target_r}) must not exceed "
                               f"method.adalora_init_r ({self.adalora_init_r}): pruning only removes ranks.")

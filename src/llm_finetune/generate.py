@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .artifacts import open_adapter
+from .manifest import write_jsonl
 from .models import load_model, load_tokenizer, resolve_source
 
 
@@ -233,10 +233,6 @@ def predict_file(model, tokenizer, encoder, prompts, out_path, batch_size: int =
 
     Prompts are grouped by length so batches carry little padding; the file appears only when complete.
     """
-    import json
-    import os
-    import tempfile
-
     from tqdm.auto import tqdm
 
     sampling = (sampling or Sampling()).check()
@@ -254,19 +250,12 @@ def predict_file(model, tokenizer, encoder, prompts, out_path, batch_size: int =
             for i, g in zip(idx, gens):
                 results[i] = g
             bar.update(len(idx))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for p, g in zip(prompts, results):
-                row = {"source": p.source, "messages": p.messages, "prediction": g.text, "stopped": g.stopped,
-                       "new_tokens": g.new_tokens}
-                if p.reference is not None:
-                    row["reference"] = p.reference
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    rows = []
+    for p, g in zip(prompts, results):
+        row = {"source": p.source, "messages": p.messages, "prediction": g.text, "stopped": g.stopped,
+               "new_tokens": g.new_tokens}
+        if p.reference is not None:
+            row["reference"] = p.reference
+        rows.append(row)
+    write_jsonl(out_path, rows)  # the file appears only when complete
     return len(prompts)

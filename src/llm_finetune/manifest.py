@@ -56,26 +56,39 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write text atomically: a temporary file next to `path`, flushed to disk, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    """Write text atomically (`atomic_file`), flushed to disk before it is renamed into place."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path` (same suffix, for writers that look at it); when the block
+    succeeds it replaces `path` in one rename. If anything fails, the temporary file is removed and
+    `path` is left exactly as it was: the one atomic-write helper for files (JSON, GGUF, plots, ...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 @contextmanager
-def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(target: str | Path, overwrite: bool = True, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `target`; on success it replaces `target` in one rename.
 
-    If anything fails, the previous `target` is left exactly as it was.
+    If anything fails, the previous `target` is left exactly as it was. `overwrite=False` refuses an
+    existing target before anything is written; `keep_existing=True` keeps a target that appeared
+    meanwhile and drops the new copy (caches whose content the key decides: first writer wins).
     """
     target = Path(target)
     if target.exists() and not overwrite:
@@ -84,6 +97,9 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        if keep_existing and target.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

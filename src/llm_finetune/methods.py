@@ -289,8 +289,6 @@ def ia3_config(cfg: MethodConfig, ctx: BuildContext):
     if target == "all-linear" and model_type in TARGETS and ff is None:
         # IA3's own recipe (keys, values and the feed-forward output) rather than every linear layer.
         target, ff = TARGETS[model_type], FF[model_type]
-    if ff and isinstance(target, list) and not set(ff) <= set(target):
-        raise MethodError(f"method.ia3_feedforward_modules {ff} must be a subset of method.target_modules {target}.")
     return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=target, feedforward_modules=ff or [],
                      modules_to_save=cfg.modules_to_save or None)
 

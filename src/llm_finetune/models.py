@@ -8,18 +8,16 @@ converted folder takes a fraction of a second instead of half a minute.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from .errors import ModelSourceError
+from .manifest import atomic_dir, write_json
 from .methods import quantization_config
 
 log = logging.getLogger(__name__)
@@ -97,21 +95,11 @@ def _convert_gguf(gguf_path: Path, sha: str) -> Path:
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, keep_existing=True) as tmp:  # another process may convert it meanwhile
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "llm_finetune_source.json").write_text(
-            json.dumps({"gguf": str(gguf_path), "sha256": sha, "dequantised_to": "float32"}, indent=2)
-        )
-        if target.exists():  # another process converted it meanwhile
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "llm_finetune_source.json", {"gguf": str(gguf_path), "sha256": sha,
+                                                       "dequantised_to": "float32"})
     return target
 
 

@@ -10,6 +10,8 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from .config import load_config
+
 PEOPLE = [
     ("Lucía Andersson", 32, "Zürich", "The chef {n}, aged {a}, is based in {c}."),
     ("Rafael Mensah", 23, "Budapest", "{n} lives in {c} with 3 cats and is {a}."),
@@ -157,7 +159,6 @@ def init_project(directory: str | Path, force: bool = False) -> list[Path]:
 def _validate(config: dict) -> None:
     import tempfile
 
-    from .config import load_config
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(config, f)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..manifest import atomic_dir, tokenizer_fingerprint
+from ..models import cache_dir
 from .records import Example, ReadResult, iter_examples
 from .rows import RowProblem, data_files, is_hub_name
 from .tokenize import ChatEncoder, Encoded, Skipped
@@ -66,8 +66,6 @@ def source_fingerprint(spec: str | Path) -> dict[str, Any]:
 
 
 def encoder_key(encoder: ChatEncoder) -> dict[str, Any]:
-    from ..manifest import tokenizer_fingerprint
-
     tok = encoder.tokenizer
     template = tok.chat_template
     return {
@@ -93,8 +91,6 @@ def cache_key(data_sha: str, encoder: ChatEncoder, fmt: str, path: str = "",
 
 
 def cache_root() -> Path:
-    from ..models import cache_dir
-
     return cache_dir() / "data"
 
 
@@ -160,9 +156,7 @@ def _save(entry: Path, data: SourceData, parts: dict[str, Any]) -> None:
         columns["full_length"].append(enc.full_length if ok else enc.length)
         columns["skip_reason"].append(None if ok else enc.reason)
         columns["refused"].append(not ok and enc.refused)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-    try:
+    with atomic_dir(entry, keep_existing=True) as tmp:  # another run may write the same key: same content
         import datasets
 
         quiet = datasets.are_progress_bars_disabled()
@@ -176,13 +170,6 @@ def _save(entry: Path, data: SourceData, parts: dict[str, Any]) -> None:
                 "ignored_files": data.ignored_files, "problems": [p.__dict__ for p in data.problems],
                 "file_problems": [p.__dict__ for p in data.file_problems]}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        if entry.exists():  # another run wrote the same entry meanwhile: same key, same content
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load(entry: Path, spec, key: str) -> SourceData:

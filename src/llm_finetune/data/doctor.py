@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..manifest import atomic_file
 from .records import ReadResult, example_hash, iter_examples
 from .rows import RowProblem
 from .tokenize import IGNORE_INDEX, ChatEncoder, Encoded, Skipped
@@ -182,14 +183,11 @@ def save_histogram(lengths: dict[int, int], max_length: int, path: str | Path, t
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 from ..artifacts import original_gguf, read_json
 from ..data.tokenize import end_of_turn_ids
 from ..errors import ExportError
+from ..manifest import atomic_file, write_text
 from ..models import default_gguf_path, load_tokenizer, resolve_source
 from .check import CHECK_PROMPTS, Check, compare, logits_for, prompt_ids
 from .merge import merge
@@ -312,34 +311,24 @@ def export_gguf(out: str | Path, adapter: str | None = None, model: str | None =
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.stem}.tmp-", dir=out.parent))
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{out.stem}.work-", dir=out.parent) as work:
         if adapter:
-            merged_dir = work / "merged"
-            merge(adapter, merged_dir, model=model)
-            folder = merged_dir
+            folder = merge(adapter, Path(work) / "merged", model=model).out_dir
             finetune = Path(adapter).name
         else:
             folder = Path(resolve_source(model or "default").load_path)
             finetune = None
-        tmp_file = work / out.name
-        count, fallback = write_gguf(folder, tmp_file, qtype, name=out.stem, tokenizer_pre=tokenizer_pre,
-                                     finetune=finetune)
+        mf_text = ollama_modelfile(load_tokenizer(str(folder)), out.name) if modelfile else None
         check = None
-        if verify:
-            check = verify_gguf(tmp_file, folder, qtype)
-            if not check.ok:
-                raise ExportError(f"{out.name} failed its check, nothing written: {check.line()}")
-        mf_path = None
-        if modelfile:
-            mf_text = ollama_modelfile(load_tokenizer(str(folder)), out.name)
-            mf_path = out.parent / "Modelfile"
-            (work / "Modelfile").write_text(mf_text, encoding="utf-8")
-        os.replace(tmp_file, out)
-        if mf_path:
-            os.replace(work / "Modelfile", mf_path)
-        return GgufResult(out, qtype, check, count, mf_path, fallback)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
+        with atomic_file(out) as tmp_file:  # the .gguf appears only once written and checked
+            count, fallback = write_gguf(folder, tmp_file, qtype, name=out.stem, tokenizer_pre=tokenizer_pre,
+                                         finetune=finetune)
+            if verify:
+                check = verify_gguf(tmp_file, folder, qtype)
+                if not check.ok:
+                    raise ExportError(f"{out.name} failed its check, nothing written: {check.line()}")
+    mf_path = None
+    if mf_text is not None:
+        mf_path = out.parent / "Modelfile"
+        write_text(mf_path, mf_text)
+    return GgufResult(out, qtype, check, count, mf_path, fallback)
