@@ -41,6 +41,11 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """A folder with a saved tokenizer (an adapter trained with a template, a model folder)."""
+    return (Path(path) / "tokenizer_config.json").is_file()
+
+
 def is_model_folder(path: str | Path) -> bool:
     """A complete model (what `merge` or method.name=full writes): config.json and safetensors weights."""
     path = Path(path)
@@ -65,13 +70,9 @@ class AdapterFolder:
         path = self.path / RUN_CONFIG
         return path if path.is_file() else None
 
-    @property
-    def has_tokenizer(self) -> bool:
-        return (self.path / "tokenizer_config.json").is_file()
-
     def tokenizer_path(self, base_path: str | Path) -> str:
         """The adapter's own tokenizer (it carries the template it was trained with), else the base's."""
-        return str(self.path) if self.has_tokenizer else str(base_path)
+        return str(self.path) if has_tokenizer(self.path) else str(base_path)
 
     @property
     def quantization(self) -> str:

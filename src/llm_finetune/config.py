@@ -1,7 +1,12 @@
-"""The run configuration: small typed sections read from JSON or YAML.
+"""The run configuration: small typed sections read from JSON or YAML, and every rule between keys.
 
 Every field carries its help text next to it. Unknown keys and bad values are errors that name the
 key, the file and the fix; `--set section.key=value` overrides single keys from the command line.
+Rules within a section are the section's `validate`; rules across sections are `RunConfig.validate`;
+both run once, when the config is loaded, and the loaded config is never changed afterwards.
+
+The module stays whole (about 500 lines, most of them field help text): the sections, their rules
+and the small parser that enforces them are one reading.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ from the real tokenizer and data when they are at hand, else from characters / 4
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import methods
+from .artifacts import RUN_MANIFEST, has_tokenizer, read_json
 from .config import RunConfig
 from .data.prepare import prepare_data
 from .data.records import load_examples
@@ -96,7 +96,7 @@ def architecture_config(cfg: RunConfig):
                                                                        "config.json; the Hub is not needed)", None
     source = resolve_source(name, cfg.model.gguf_file, cfg.model.revision)
     config = AutoConfig.from_pretrained(source.load_path, trust_remote_code=cfg.model.trust_remote_code)
-    tok = source.load_path if (Path(source.load_path) / "tokenizer_config.json").is_file() else None
+    tok = source.load_path if has_tokenizer(source.load_path) else None
     return config, f"{source.load_path}/config.json", tok
 
 
@@ -230,9 +230,9 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
     # Throughput: given, else measured by an earlier run of the same model and method.
     source = "--throughput" if throughput else None
     if not throughput:
-        manifest = Path(cfg.output.dir) / "run_manifest.json"
-        if manifest.is_file():
-            m = json.loads(manifest.read_text())
+        manifest = Path(cfg.output.dir) / RUN_MANIFEST
+        m = read_json(manifest)
+        if m:
             t = m.get("training", {})
             if m.get("method") == cfg.method.name and t.get("tokens_seen") and t.get("train_runtime_s"):
                 throughput = t["tokens_seen"] / t["train_runtime_s"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import is_adapter_folder, is_model_folder, read_json
+from .artifacts import ADAPTER_CONFIG, RUN_CONFIG, RUN_MANIFEST, is_adapter_folder, is_model_folder, read_json
 from .errors import HubError
 from .manifest import write_text
 from .methods import option_readers
@@ -76,7 +76,7 @@ def select_files(artifact: Path, kind: str) -> list[tuple[Path, str]]:
 def _provenance(artifact: Path, kind: str) -> tuple[dict, dict, dict, dict]:
     """(manifest, run config, eval report, merge info) from the artifact or, for a GGUF, nothing."""
     folder = artifact if artifact.is_dir() else artifact.parent
-    return (read_json(folder / "run_manifest.json") or {}, read_json(folder / "run_config.json") or {},
+    return (read_json(folder / RUN_MANIFEST) or {}, read_json(folder / RUN_CONFIG) or {},
             read_json(folder / "eval_report.json") or {}, read_json(folder / "llm_finetune_merge.json") or {})
 
 
@@ -212,11 +212,11 @@ def record_hub_base(folder: str | Path) -> str | None:
 
     PEFT records the folder the base was loaded from, which for the built-in model is a cache path on
     this machine only. The local source stays in run_manifest.json, which our own commands read
-    first (export.base_model_for). Returns the id written, or None when the base has no Hub id.
+    first (artifacts.AdapterFolder.base_model). Returns the id written, or None when the base has no Hub id.
     """
     folder = Path(folder)
-    hub_id = ((read_json(folder / "run_manifest.json") or {}).get("model") or {}).get("hub_id")
-    config_path = folder / "adapter_config.json"
+    hub_id = ((read_json(folder / RUN_MANIFEST) or {}).get("model") or {}).get("hub_id")
+    config_path = folder / ADAPTER_CONFIG
     if not hub_id or not config_path.is_file():
         return None
     config = read_json(config_path)

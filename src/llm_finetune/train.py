@@ -23,6 +23,7 @@ import torch
 from transformers import set_seed
 
 from . import methods
+from .artifacts import RUN_CONFIG, RUN_MANIFEST
 from .config import RunConfig
 from .data.prepare import PreparedData, prepare_data
 from .errors import DataError
@@ -209,10 +210,10 @@ def finish(run: Setup, fitted: Fit) -> RunResult:
         # resized embedding matrix PEFT would otherwise copy; `generate` resizes the base first.
         fitted.model.save_pretrained(tmp, **({"save_embedding_layers": False} if data.added_tokens else {}))
         run.tokenizer.save_pretrained(tmp)
-        write_json(tmp / "run_config.json", cfg.to_dict())
-        write_json(tmp / "run_manifest.json", manifest)
+        write_json(tmp / RUN_CONFIG, cfg.to_dict())
+        write_json(tmp / RUN_MANIFEST, manifest)
         describe_adapter_folder(tmp)  # base named by its Hub id, our model card as README.md
-    write_json(out_dir / "run_manifest.json", manifest)
+    write_json(out_dir / RUN_MANIFEST, manifest)
     log.info("adapter written to %s", adapter_dir)
 
     report = None
@@ -228,8 +229,8 @@ def finish(run: Setup, fitted: Fit) -> RunResult:
         log.warning("evaluation: the %d held-out rows are plain text (no prompt to answer): only the in-training "
                     "eval loss covers them; no report", len(data.eval))
     manifest["wall_time_s"] = round(time.time() - run.started, 1)
-    write_json(adapter_dir / "run_manifest.json", manifest)
-    write_json(out_dir / "run_manifest.json", manifest)
+    write_json(adapter_dir / RUN_MANIFEST, manifest)
+    write_json(out_dir / RUN_MANIFEST, manifest)
     if report:
         write_adapter_card(adapter_dir)  # the card again, now with the evaluation table and final manifest
     log.info("run done: adapter in %s; log in %s; wall time %.0f s", adapter_dir, run.log_path, manifest["wall_time_s"])

@@ -14,7 +14,7 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import GenerationConfig
 
-from ..artifacts import MERGE_RECORD, open_adapter
+from ..artifacts import MERGE_RECORD, RUN_CONFIG, RUN_MANIFEST, open_adapter
 from ..data.tokenize import end_of_turn_ids
 from ..errors import ExportError, MethodError
 from ..manifest import atomic_dir, write_json
@@ -94,7 +94,7 @@ def merge(adapter: str | Path, out_dir: str | Path, model: str | None = None, ov
     with atomic_dir(out_dir, overwrite=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for name in ("run_manifest.json", "eval_report.json", "run_config.json", "README.md"):
+        for name in (RUN_MANIFEST, "eval_report.json", RUN_CONFIG, "README.md"):
             if (Path(adapter) / name).is_file():
                 shutil.copy2(Path(adapter) / name, tmp / name)
         write_json(tmp / MERGE_RECORD, {
