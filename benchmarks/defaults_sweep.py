@@ -66,7 +66,7 @@ TASKS = {t.name: t for t in (
          "topic of a news sentence (4 balanced labels); unseen templates and vocabulary"),
 )}
 
-# The defaults of the time of writing (config.py, methods.DEFAULT_LEARNING_RATES), pinned.
+# The defaults of the time of writing (config.py, the learning rates in methods.METHODS), pinned.
 CURRENT = ("method.name=lora", "method.r=8", "method.alpha=32", "method.dropout=0.1", "train.learning_rate=1e-3",
            "train.lr_scheduler=cosine", "train.warmup_ratio=0.05", "train.epochs=1", "train.batch_size=8",
            "train.gradient_accumulation_steps=1", "train.weight_decay=0.0")

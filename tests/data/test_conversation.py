@@ -103,15 +103,15 @@ def test_data_roles_config_is_validated_and_reaches_the_readers(tmp_path, chatml
     rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "bing", "value": f"a{i}"}]}
             for i in range(4)]
     write_jsonl(tmp_path / "d.jsonl", rows)
-    from llm_finetune.data.prepare import prepare_data as build_splits
+    from llm_finetune.data.prepare import prepare_data
 
-    prepared = build_splits(cfg, chatml_tokenizer)
+    prepared = prepare_data(cfg, chatml_tokenizer)
     assert len(prepared.train) == 4 and prepared.info["invalid_rows"] == 0
     # The mapping is part of the cache key: without it the same bytes read differently.
     cfg.data.roles = {}
     cfg.data.on_error = "skip"
     with pytest.raises(DataError, match="no valid examples"):
-        build_splits(cfg, chatml_tokenizer)
+        prepare_data(cfg, chatml_tokenizer)
 
 
 def test_what_real_exports_contain_is_repaired_as_a_person_would():

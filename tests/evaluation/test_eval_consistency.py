@@ -144,7 +144,7 @@ def test_selection_fraction_chooses_the_checkpoint_off_the_reported_set(tmp_path
     from transformers import AutoTokenizer
 
     from llm_finetune.config import ConfigError
-    from llm_finetune.data.prepare import prepare_data as build_splits
+    from llm_finetune.data.prepare import prepare_data
     from llm_finetune.train import run
 
     write_jsonl(tmp_path / "train.jsonl", extraction_rows(24))
@@ -173,7 +173,7 @@ def test_selection_fraction_chooses_the_checkpoint_off_the_reported_set(tmp_path
 
     from llm_finetune.evaluation.score import eval_loss
 
-    prepared = build_splits(load_config(None, settings + ["train.eval_steps=2"]),
+    prepared = prepare_data(load_config(None, settings + ["train.eval_steps=2"]),
                             AutoTokenizer.from_pretrained(result.adapter_dir))
     selected = {e.source for e in prepared.selection}
     assert len(selected) == 6 and not selected & {e.source for e in prepared.train}
