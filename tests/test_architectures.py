@@ -59,7 +59,7 @@ def test_lora_trains_saves_reloads_and_merges(arch, arch_dirs, tmp_path):
 @pytest.mark.parametrize("method", methods.METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_method_builds_trains_and_generates(arch, method, arch_dirs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = arch_dirs[arch]
     q = methods.effective_quantization(method, "none")

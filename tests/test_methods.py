@@ -233,7 +233,7 @@ def test_adalora_ranks_are_pruned_over_training(runs, tiny_model_dir):
 
 
 def _build(tiny_model_dir, tokenizer_dir=None, quantization="none", total_steps=20, **method):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from llm_finetune.config import MethodConfig
 
@@ -365,7 +365,7 @@ def test_adalora_allocator_runs_between_optimizer_step_and_zero_grad(tiny_model_
     optimizer step, after the step and before zero_grad clears the gradients, with the step's number."""
     from datasets import Dataset
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     from llm_finetune.data.collate import PaddingCollator
     from llm_finetune.trainer import AdaLoraRankAllocator, FinetuneTrainer, training_callbacks

@@ -125,3 +125,26 @@ def test_bad_data_writes_nothing(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match=r"train.jsonl:2: invalid JSON"):
         run(cfg)
     assert not (tmp_path / "ck").exists() and not (tmp_path / "logs").exists()
+
+
+def test_the_config_is_never_changed_and_the_saved_one_is_resolved(tmp_path, tiny_model_dir):
+    """run() reads the config and saves a resolved copy (the method's learning rate filled in); the
+    caller's config is exactly what it loaded, so one value never has two sources."""
+    import copy
+
+    from conftest import extraction_rows
+
+    from llm_finetune.methods import METHODS
+    from llm_finetune.train import run
+
+    write_jsonl(tmp_path / "train.jsonl", extraction_rows(8))
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_file={tmp_path / 'train.jsonl'}",
+                             "data.eval_file=null", "train.max_steps=2", f"output.dir={tmp_path / 'ck'}",
+                             f"output.logs_dir={tmp_path / 'logs'}", "output.tensorboard=false"])
+    before = copy.deepcopy(cfg.to_dict())
+    assert cfg.train.learning_rate is None
+    result = run(cfg)
+    assert cfg.to_dict() == before
+    saved = json.loads((result.adapter_dir / "run_config.json").read_text())
+    assert saved["train"]["learning_rate"] == METHODS["lora"].learning_rate == result.manifest["training"]["learning_rate"]
+    assert {k: v for k, v in saved.items() if k != "train"} == {k: v for k, v in before.items() if k != "train"}

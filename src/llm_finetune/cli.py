@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
 
     report, paths = run_eval(cfg, args.adapter, args.against, args.eval_file, args.out)
     names = report["order"]
-    print(f"\n{' vs '.join(names)} on {cfg.data.eval_file} ({report[names[-1]]['n']} examples):")
+    print(f"\n{' vs '.join(names)} on {args.eval_file or cfg.data.eval_file} ({report[names[-1]]['n']} examples):")
     for n in names:
         print(f"  {n}: {report['labels'][n]}")
     print(summary_table(report))

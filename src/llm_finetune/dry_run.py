@@ -10,6 +10,7 @@ from the real tokenizer and data when they are at hand, else from characters / 4
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,8 +154,7 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
     mean_len = None
     if Path(cfg.data.train_file).is_file():
         if tokenizer is not None:
-            data_cfg = copy.deepcopy(cfg)
-            data_cfg.data.eval_file = None
+            data_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_file=None))
             data = prepare_data(data_cfg, tokenizer)
             tokens_per_epoch, examples = data.train_stats.tokens, len(data.train)
             steps = plan_steps(cfg, data)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .config import RunConfig
 from .data.collate import PaddingCollator
@@ -248,8 +248,6 @@ def training_callbacks(cfg: RunConfig, model, logs_dir: Path) -> list[TrainerCal
         tb.logging_dir = str(Path(logs_dir) / "tensorboard")  # otherwise it writes under output_dir/runs
         callbacks.append(tb)
     if cfg.train.early_stopping_patience:
-        from transformers import EarlyStoppingCallback
-
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     if _adalora_model(model) is not None:
         callbacks.append(AdaLoraRankAllocator(model))

@@ -11,6 +11,7 @@ prompts, the template (the newer side's tokenizer) and the generation settings.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,14 +120,13 @@ def _best_on_this_set(adapter: Path, eval_file: str) -> tuple[dict | None, bool]
 
 def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | None = None,
              eval_file: str | None = None, out_dir: str | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
-    from peft import PeftModel
-
+    from peft import PeftModel  # imports a good part of PEFT: only when an evaluation runs
 
     sides = plan_sides(cfg, list(adapters or []), against)
     eval_file = eval_file or cfg.data.eval_file
     if not eval_file:
         raise EvalSetupError("no held-out set: pass --eval-file FILE or set data.eval_file in the config")
-    cfg.data.eval_file = eval_file
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_file=eval_file))  # the caller's stays
     options = options_from_config(cfg.eval)
 
     source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
