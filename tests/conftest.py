@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Numerical tests compute alike on every CPU: `model.dtype: auto` means float32 here unless a test forces the
+# CPU capability probe (models.cpu_bf16_is_fast) itself; subprocesses inherit it.
+os.environ["LLM_FINETUNE_CPU_BF16"] = "0"
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -3,6 +3,8 @@ fp32 master weights wherever weights train in full, the half dtype as autocast; 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import extraction_rows, write_jsonl
@@ -152,3 +154,52 @@ def test_adapter_weights_are_fp32_on_a_bf16_base(tiny_model_dir, name):
     trainable = {n: p.dtype for n, p in params.items() if p.requires_grad}
     assert trainable and set(trainable.values()) == {F32}, trainable
     assert {p.dtype for n, p in params.items() if not p.requires_grad} == {BF16}
+
+
+# ---------------------------------------------------------------------------------------------
+# CPUs: a bf16 frozen base where the CPU computes bf16 in hardware
+
+
+@pytest.mark.parametrize("fast,full,quantized,expected", [
+    (True, False, False, Precision(BF16, None)),  # adapter, gradients, optimizer state stay fp32 (PEFT)
+    (True, True, False, Precision(F32, None)),  # weights trained in full stay fp32
+    (True, False, True, Precision(F32, None)),  # a quantised base computes as bitsandbytes' CPU kernels do
+    (False, False, False, Precision(F32, None)),  # no bf16 units: bf16 would be emulated, slower than fp32
+])
+def test_cpu_auto_precision_follows_what_the_cpu_can_do(monkeypatch, fast, full, quantized, expected):
+    _machine(monkeypatch, cuda=False)
+    monkeypatch.setenv("LLM_FINETUNE_CPU_BF16", "1" if fast else "0")
+    precision = training_precision("auto", trains_full_weights=full, quantized=quantized)
+    assert precision == expected and precision.why
+    assert training_precision("float32", trains_full_weights=full) == Precision(F32, None)  # asked for: kept
+
+
+def test_cpu_probe_reads_the_bf16_units(monkeypatch):
+    from llm_finetune.models import cpu_bf16_is_fast
+
+    monkeypatch.delenv("LLM_FINETUNE_CPU_BF16")
+    for amx, avx in [(True, True), (False, True), (True, False), (False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx: avx)
+        fast, why = cpu_bf16_is_fast()
+        assert fast == (amx or avx) and (not fast or ("AMX" in why) == amx)
+
+
+def test_bf16_base_learns_as_fp32_does(monkeypatch, tmp_path, tiny_model_dir):
+    """The same run on a float32 and on a bf16 frozen base (fp32 adapter): per-step losses within 1%, and the
+    manifest says which precision was used and why."""
+    from llm_finetune.train import run
+
+    def losses(fast: str, name: str):
+        monkeypatch.setenv("LLM_FINETUNE_CPU_BF16", fast)
+        result = run(_cfg(tmp_path / name, tiny_model_dir, "train.max_steps=8", "train.logging_steps=1",
+                          "method.dropout=0.0", "train.learning_rate=5e-3", "data.eval_file=null"))
+        records = [json.loads(line) for line in (tmp_path / name / "logs" / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r], result.manifest["precision"]
+
+    fp32, p32 = losses("0", "fp32")
+    bf16, p16 = losses("1", "bf16")
+    assert p32["load"] == "float32" and p16["load"] == "bfloat16" and p16["autocast"] is None and p16["why"]
+    assert len(fp32) == len(bf16) == 8 and fp32[-1] < fp32[0]
+    for a, b in zip(fp32, bf16):
+        assert abs(a - b) <= 0.01 * a, (fp32, bf16)

@@ -193,6 +193,9 @@ class TrainConfig:
     logging_steps: int = _f(5, "Log loss and throughput every N steps.", min=1)
     save_steps: int | None = _f(None, "Write an intermediate checkpoint every N steps; null = none.", min=1)
     save_total_limit: int = _f(2, "Keep at most this many intermediate checkpoints.", min=1)
+    group_by_length: bool = _f(
+        True, "Batch examples of similar length together (seeded, shuffled groups), so little of each batch is "
+        "padding; false = plain shuffled order.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory.")
     num_threads: int | None = _f(None, "CPU threads for torch; null = all cores.", min=1)
     optimizer: OptimizerName = _f(

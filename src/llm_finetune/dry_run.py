@@ -22,7 +22,7 @@ from .config import RunConfig
 from .data.prepare import prepare_data
 from .data.records import load_examples
 from .errors import MethodError, ModelSourceError
-from .models import load_tokenizer, pick_dtype, resolve_source
+from .models import load_tokenizer, resolve_source, run_precision
 from .trainer import plan_steps
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,7 +139,7 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
 
     config, config_source, tok_path = architecture_config(cfg)
     quant = methods.effective_quantization(cfg.method.name, cfg.model.quantization)
-    dtype = pick_dtype(cfg.model.dtype)
+    dtype = run_precision(cfg).load  # as the run would load it (fp32 where weights train in full)
     dtype_name = str(dtype).replace("torch.", "")
     wbytes = DTYPE_BYTES[dtype_name]
     notes: list[str] = []

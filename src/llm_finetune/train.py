@@ -31,9 +31,9 @@ from .evaluation.report import add_context, write_into_adapter, write_report
 from .evaluation.score import EvalOptions, compare_base_and_tuned, format_table, load_eval_set, options_from_config
 from .hub import describe_adapter_folder, write_adapter_card
 from .manifest import atomic_dir, package_versions, write_json, write_jsonl
-from .models import ModelSource, load_model, load_tokenizer, resolve_source
+from .models import ModelSource, load_model, load_tokenizer, resolve_source, run_precision
 from .quiet import relay_into
-from .trainer import build_trainer, mark_best_checkpoint, plan_steps, run_precision
+from .trainer import build_trainer, mark_best_checkpoint, plan_steps
 
 log = logging.getLogger("llm_finetune")
 
@@ -173,6 +173,7 @@ def _log_plan(run: Setup, method_notes: list[str]) -> None:
                  "trained and saved with the adapter", cfg.data.template, data.info["added_tokens"], data.added_tokens)
     log.info("plan: %d steps of %d examples, learning rate %g", run.steps,
              cfg.train.batch_size * cfg.train.gradient_accumulation_steps, cfg.learning_rate)
+    log.info("precision: %s (model.dtype=%s)", run_precision(cfg).why, cfg.model.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "method": cfg.method.name,
         "quantization": run.quantization,
+        "precision": run_precision(cfg).to_dict(),
         "merge": methods.METHODS[cfg.method.name].merge,
         "model": run.source.to_dict(),
         "data": {**data.fingerprints, "train": data.train_stats.to_dict(), "eval_examples": len(data.eval),

@@ -26,10 +26,11 @@ from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, Train
 from .config import RunConfig
 from .data.collate import PaddingCollator
 from .data.prepare import PreparedData
+from .data.tokenize import IGNORE_INDEX
 from .evaluation.score import eval_loss
 from .manifest import write_json
-from .methods import OPTIMIZERS
-from .models import Precision, training_precision
+from .methods import METHODS, OPTIMIZERS
+from .models import run_precision
 
 log = logging.getLogger("llm_finetune")
 
@@ -50,11 +51,6 @@ def plan_steps(cfg: RunConfig, data: PreparedData) -> int:
         mean_len = data.train_stats.tokens / len(data.train)
         return max(1, math.ceil(t.max_tokens / (mean_len * per_step)))
     return max(1, math.ceil(len(data.train) * t.epochs / per_step))
-
-
-def run_precision(cfg: RunConfig) -> Precision:
-    """Load and autocast dtypes for this run (models.training_precision): fp32 wherever weights train in full."""
-    return training_precision(cfg.model.dtype, cfg.method.name == "full" or bool(cfg.method.modules_to_save))
 
 
 def warmup_step_count(ratio: float, steps: int) -> int:
@@ -96,6 +92,9 @@ def trainer_options(cfg: RunConfig, steps: int, learning_rate: float, has_eval: 
         remove_unused_columns=False,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        # Examples of similar length share a batch (LengthGroupedSampler, seeded): less padding computed.
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="length",
         disable_tqdm=False,
     )
     if t.eval_steps and has_eval:
@@ -133,7 +132,37 @@ class FinetuneTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    # Set by build_trainer: the output head runs only where a token is trained (methods that do not
+    # change the sequence or add their own loss term: the LoRA family, IA3, full).
+    logits_where_trained = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.logits_where_trained and model.training and not return_outputs and self.compute_loss_func is None:
+            return self._loss_where_trained(model, inputs, num_items_in_batch)
+        return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _loss_where_trained(self, model, inputs, num_items_in_batch):
+        """The causal-LM loss with the output head applied only at positions whose next token is trained.
+
+        The head is about a fifth of a small model's compute, and its (tokens x vocabulary) logits are the
+        largest activation; prompt tokens need neither. Same value as the model's own loss (sum of
+        cross-entropy over trained tokens / num_items_in_batch, or their mean), hence the same gradients."""
+        labels = inputs["labels"]
+        targets = labels[:, 1:]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # positions trained in any row
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+        logits = outputs.logits.float()
+        targets = targets[:, keep]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        if num_items_in_batch is None:
+            return loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        loss = loss / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales a model's own loss
+        return loss
+
+    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """AdaLoRA: PEFT adds `orth_reg_weight * R` to the loss of every forward pass (AdaLoraModel.forward).
         The Trainer passes `num_items_in_batch` (the accumulated batch's supervised tokens) to the model,
         so each micro-batch's cross-entropy is already a share of the accumulated batch's mean and the
@@ -259,7 +288,8 @@ def training_callbacks(cfg: RunConfig, model, logs_dir: Path) -> list[TrainerCal
 
 
 def _dataset(rows) -> Dataset:
-    return Dataset.from_dict({"input_ids": [e.input_ids for e in rows], "labels": [e.labels for e in rows]})
+    return Dataset.from_dict({"input_ids": [e.input_ids for e in rows], "labels": [e.labels for e in rows],
+                              "length": [len(e.input_ids) for e in rows]})
 
 
 def build_trainer(cfg: RunConfig, model, tokenizer, data: PreparedData, steps: int, learning_rate: float,
@@ -277,6 +307,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, data: PreparedData, steps: i
         processing_class=tokenizer,
         callbacks=training_callbacks(cfg, model, logs_dir),
     )
+    trainer.logits_where_trained = METHODS[cfg.method.name].family in ("lora", "ia3", "full")
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
     return trainer

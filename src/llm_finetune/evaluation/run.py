@@ -24,7 +24,7 @@ from ..data.prepare import trained_examples
 from ..data.rows import is_hub_name
 from ..data.tokenize import encoder_for
 from ..errors import EvalSetupError
-from ..models import load_model, load_tokenizer, resolve_source
+from ..models import load_model, load_tokenizer, resolve_source, run_precision
 from .leakage import TrainIndex
 from .report import add_context, write_report
 from .score import compare_models, load_eval_set, options_from_config
@@ -142,7 +142,7 @@ def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | N
     regression = (load_eval_set(cfg.eval.regression_file, encoder, d.format, on_error=d.on_error, roles=d.roles)
                   if cfg.eval.regression_file else None)
 
-    model = load_model(source, cfg.model.dtype, cfg.model.quantization, cfg.model.trust_remote_code,
+    model = load_model(source, run_precision(cfg).load_name, cfg.model.quantization, cfg.model.trust_remote_code,
                        cfg.model.revision, tokenizer=tokenizer)
     with_adapter = [s for s in sides if s.adapter]
     model = PeftModel.from_pretrained(model, with_adapter[0].adapter, adapter_name=with_adapter[0].name)
