@@ -195,8 +195,9 @@ class TrainConfig:
     save_steps: int | None = _f(None, "Write an intermediate checkpoint every N steps; null = none.", min=1)
     save_total_limit: int = _f(2, "Keep at most this many intermediate checkpoints.", min=1)
     group_by_length: bool = _f(
-        True, "Batch examples of similar length together (seeded, shuffled groups), so little of each batch is "
-        "padding; false = plain shuffled order.")
+        False, "Batch examples of similar length together (seeded groups, longest first), so little of each batch "
+        "is padding: faster on data of mixed lengths (+9% measured on chat data), but the order changes what a "
+        "short run learns (the main job: eval loss 0.072 vs 0.060 ungrouped), so it is off by default.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory.")
     num_threads: int | None = _f(None, "CPU threads for torch; null = all cores.", min=1)
     optimizer: OptimizerName = _f(
