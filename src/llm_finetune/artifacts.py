@@ -65,11 +65,6 @@ class AdapterFolder:
     def peft_type(self) -> str:
         return str(self.config.get("peft_type", "")).upper()
 
-    @property
-    def run_config_path(self) -> Path | None:
-        path = self.path / RUN_CONFIG
-        return path if path.is_file() else None
-
     def tokenizer_path(self, base_path: str | Path) -> str:
         """The adapter's own tokenizer (it carries the template it was trained with), else the base's."""
         return str(self.path) if has_tokenizer(self.path) else str(base_path)

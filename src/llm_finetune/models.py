@@ -17,9 +17,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .artifacts import SOURCE_RECORD
 from .errors import ModelSourceError
 from .manifest import atomic_dir, write_json
-from .methods import METHODS, quantization_config
+from .methods import effective_quantization, quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ def _convert_gguf(gguf_path: Path, sha: str) -> Path:
     with atomic_dir(target, keep_existing=True) as tmp:  # another process may convert it meanwhile
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "llm_finetune_source.json", {"gguf": str(gguf_path), "sha256": sha,
-                                                       "dequantised_to": "float32"})
+        write_json(tmp / SOURCE_RECORD, {"gguf": str(gguf_path), "sha256": sha, "dequantised_to": "float32"})
     return target
 
 
@@ -271,7 +271,7 @@ def training_precision(requested: str, trains_full_weights: bool, quantized: boo
 def run_precision(cfg) -> Precision:
     """The precision of a run with config `cfg` (a RunConfig): training, its report and `llm-finetune eval`
     of its adapter all load the base this way, so they compute alike."""
-    quantized = METHODS[cfg.method.name].quantization is not None or cfg.model.quantization != "none"
+    quantized = effective_quantization(cfg.method.name, cfg.model.quantization) != "none"
     return training_precision(cfg.model.dtype, cfg.method.name == "full" or bool(cfg.method.modules_to_save),
                               quantized)
 

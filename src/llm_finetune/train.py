@@ -31,7 +31,7 @@ from .evaluation.report import add_context, write_into_adapter, write_report
 from .evaluation.score import EvalOptions, compare_base_and_tuned, format_table, load_eval_set, options_from_config
 from .hub import describe_adapter_folder, write_adapter_card
 from .manifest import atomic_dir, package_versions, write_json, write_jsonl
-from .models import ModelSource, load_model, load_tokenizer, resolve_source, run_precision
+from .models import ModelSource, Precision, load_model, load_tokenizer, resolve_source, run_precision
 from .quiet import relay_into
 from .trainer import build_trainer, mark_best_checkpoint, plan_steps
 
@@ -48,6 +48,7 @@ class Setup:
     data: PreparedData
     steps: int
     quantization: str
+    precision: Precision  # models.run_precision: decided once, used for loading, the log and the manifest
     eval_options: EvalOptions
     regression: tuple | None  # the regression set (examples, encodings), when eval.regression_file is set
     model: Any = None
@@ -107,13 +108,13 @@ def setup(cfg: RunConfig) -> Setup:
                                 on_error=cfg.data.on_error, roles=cfg.data.roles)
                   if cfg.eval.regression_file and data.eval_pairs else None)
     run = Setup(cfg, source, tokenizer, data, steps, methods.effective_quantization(cfg.method.name,
-                cfg.model.quantization), eval_options, regression, started=started)
+                cfg.model.quantization), run_precision(cfg), eval_options, regression, started=started)
 
     run.log_path = setup_logging(Path(cfg.output.logs_dir))
     _log_plan(run, method_notes)
 
     set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
-    model = load_model(source, run_precision(cfg).load_name, run.quantization, cfg.model.trust_remote_code,
+    model = load_model(source, run.precision.load_name, run.quantization, cfg.model.trust_remote_code,
                        cfg.model.revision, tokenizer=tokenizer)  # fp32 where weights train in full
     run.model = methods.apply_method(model, cfg.method, total_steps=steps, tokenizer=tokenizer,
                                      tokenizer_path=source.load_path,
@@ -173,7 +174,7 @@ def _log_plan(run: Setup, method_notes: list[str]) -> None:
                  "trained and saved with the adapter", cfg.data.template, data.info["added_tokens"], data.added_tokens)
     log.info("plan: %d steps of %d examples, learning rate %g", run.steps,
              cfg.train.batch_size * cfg.train.gradient_accumulation_steps, cfg.learning_rate)
-    log.info("precision: %s (model.dtype=%s)", run_precision(cfg).why, cfg.model.dtype)
+    log.info("precision: %s (model.dtype=%s)", run.precision.why, cfg.model.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "method": cfg.method.name,
         "quantization": run.quantization,
-        "precision": run_precision(cfg).to_dict(),
+        "precision": run.precision.to_dict(),
         "merge": methods.METHODS[cfg.method.name].merge,
         "model": run.source.to_dict(),
         "data": {**data.fingerprints, "train": data.train_stats.to_dict(), "eval_examples": len(data.eval),
@@ -271,7 +272,7 @@ def evaluate_run(run: Setup, fitted: Fit) -> dict[str, Any]:
     if cfg.method.name == "full" and e.compare_base:
         # Full fine-tuning changed the weights in place: the base is a fresh copy from disk, loaded as
         # the tuned model was (fp32 master weights), so both sides of the table compute in one precision.
-        base_model = load_model(run.source, run_precision(cfg).load_name, "none", cfg.model.trust_remote_code,
+        base_model = load_model(run.source, run.precision.load_name, "none", cfg.model.trust_remote_code,
                                 cfg.model.revision, tokenizer=data.encoder.tokenizer)
     examples = [ex for ex, _ in data.eval_pairs]
     encoded = [enc for _, enc in data.eval_pairs]

@@ -14,7 +14,7 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import GenerationConfig
 
-from ..artifacts import MERGE_RECORD, RUN_CONFIG, RUN_MANIFEST, open_adapter
+from ..artifacts import MERGE_RECORD, RUN_CONFIG, RUN_MANIFEST, AdapterFolder, open_adapter
 from ..data.tokenize import end_of_turn_ids
 from ..errors import ExportError, MethodError
 from ..manifest import atomic_dir, write_json
@@ -40,10 +40,14 @@ def merge_in_memory(adapter: str | Path, model: str | None = None):
     compared with the model that was trained (adapter on that quantised base): the gap is the
     quantisation's, reported for information, since the merged model is the float32 one.
     """
-    folder = open_adapter(adapter, "merge")
+    return _merge_folder(open_adapter(adapter, "merge"), model)
+
+
+def _merge_folder(folder: AdapterFolder, model: str | None):
     refusal = merge_refusal(folder.peft_type)
     if refusal:  # before any weights are loaded
-        raise MethodError(f"{adapter}: {refusal}")
+        raise MethodError(f"{folder.path}: {refusal}")
+    adapter = str(folder.path)
     base = folder.base_model(model)
     source = resolve_source(base)
     tokenizer = load_tokenizer(folder.tokenizer_path(source.load_path))
@@ -53,10 +57,10 @@ def merge_in_memory(adapter: str | Path, model: str | None = None):
     trained_logits = None
     if quantization != "none":
         trained = PeftModel.from_pretrained(load_model(source, dtype="float32", quantization=quantization,
-                                                       tokenizer=tokenizer), str(adapter)).eval()
+                                                       tokenizer=tokenizer), adapter).eval()
         trained_logits = logits_for(trained, prompts)
         del trained
-    peft_model = PeftModel.from_pretrained(load_model(source, dtype="float32", tokenizer=tokenizer), str(adapter))
+    peft_model = PeftModel.from_pretrained(load_model(source, dtype="float32", tokenizer=tokenizer), adapter)
     peft_model.eval()
     reference = logits_for(peft_model, prompts)
     merged = merge_adapter(peft_model)
@@ -77,7 +81,7 @@ def merge(adapter: str | Path, out_dir: str | Path, model: str | None = None, ov
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass --overwrite or choose another --out")
     folder = open_adapter(adapter, "merge")
-    merged, tokenizer, checks, base, source = merge_in_memory(adapter, model)
+    merged, tokenizer, checks, base, source = _merge_folder(folder, model)
     check = checks[0]
     if not check.ok:
         raise ExportError(f"merge check failed, nothing written: {check.line()}")
