@@ -113,3 +113,34 @@ def test_fused_targets_by_name(arch, target, arch_dirs):
     model = methods.apply_method(model, MethodConfig(name="lora", target_modules=[target]))
     adapted = {n.rsplit(".", 3)[0] for n, _ in model.named_parameters() if "lora_A" in n}
     assert len(adapted) == 2 and all(n.endswith(target) for n in adapted)  # one per block
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_rows_compute_each_example_alone_or_packing_is_refused(arch, arch_dirs, tmp_path):
+    """Every family that switches to padding-free attention computes each example of a packed row as it
+    does alone (positions and bounds reach its attention); one that cannot (Gemma 2: soft-capped eager
+    attention; Falcon: no attention function) says why, trains on padded rows when train.packing is null
+    (test_lora_trains_saves_reloads_and_merges) and refuses when it is true."""
+    from llm_finetune.attention import use_padding_free_attention
+    from llm_finetune.data.collate import PaddingFreeCollator
+    from llm_finetune.train import run
+
+    model = load_model(str(arch_dirs[arch])).eval()
+    features = [{"input_ids": list(range(10 + n, 10 + 2 * n)), "labels": list(range(n))} for n in (6, 1, 13, 4)]
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([f["input_ids"]])).logits[0] for f in features])
+        why_not = use_padding_free_attention(model)
+        if arch in ("gemma2", "falcon"):
+            assert why_not and type(model).__name__ in why_not
+            assert model.config._attn_implementation != "varlen_sdpa"
+        else:
+            assert why_not is None
+            batch = PaddingFreeCollator()(features)
+            packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+            torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+    if arch == "gemma2":
+        write_jsonl(tmp_path / "train.jsonl", extraction_rows(4))
+        with pytest.raises(MethodError, match="train.packing=true: Gemma2ForCausalLM .* set train.packing=false"):
+            run(load_config(None, [f"model.name_or_path={arch_dirs[arch]}", f"data.train_file={tmp_path / 'train.jsonl'}",
+                                   "data.eval_file=null", "train.max_steps=1", "train.packing=true",
+                                   f"output.dir={tmp_path / 'ck'}", f"output.logs_dir={tmp_path / 'logs'}"]))

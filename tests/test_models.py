@@ -64,3 +64,20 @@ def test_gguf_file_source_uses_the_converted_cache():
     src = resolve_source(str(gguf))
     assert src.kind == "gguf" and src.original == str(gguf)
     assert src.load_path == resolve_source("default").load_path  # same file, same cached conversion
+
+
+def test_default_threads_are_physical_cores_shared_among_the_processes(monkeypatch):
+    import psutil
+
+    from llm_finetune.models import default_threads
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16 if logical else 8)  # 8 cores, 2 threads each
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_threads()[0] == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    threads, why = default_threads()
+    assert threads == 4 and "2 process" in why
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)))  # a container given 4 hyper-threads
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_threads()[0] == 1

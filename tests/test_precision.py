@@ -4,6 +4,7 @@ fp32 master weights wherever weights train in full, the half dtype as autocast; 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_adapter_weights_are_fp32_on_a_bf16_base(tiny_model_dir, name):
 
 
 @pytest.mark.parametrize("fast,full,quantized,expected", [
-    (True, False, False, Precision(BF16, None)),  # adapter, gradients, optimizer state stay fp32 (PEFT)
+    (True, False, False, Precision(BF16, BF16)),  # adapter weights, gradients, optimizer state stay fp32 (PEFT)
     (True, True, False, Precision(F32, None)),  # weights trained in full stay fp32
     (True, False, True, Precision(F32, None)),  # a quantised base computes as bitsandbytes' CPU kernels do
     (False, False, False, Precision(F32, None)),  # no bf16 units: bf16 would be emulated, slower than fp32
@@ -199,7 +200,55 @@ def test_bf16_base_learns_as_fp32_does(monkeypatch, tmp_path, tiny_model_dir):
 
     fp32, p32 = losses("0", "fp32")
     bf16, p16 = losses("1", "bf16")
-    assert p32["load"] == "float32" and p16["load"] == "bfloat16" and p16["autocast"] is None and p16["why"]
+    assert p32["load"] == "float32" and p32["autocast"] is None
+    assert p16["load"] == "bfloat16" and p16["autocast"] == "bfloat16" and p16["why"]
     assert len(fp32) == len(bf16) == 8 and fp32[-1] < fp32[0]
     for a, b in zip(fp32, bf16):
         assert abs(a - b) <= 0.01 * a, (fp32, bf16)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "adalora"])
+def test_a_bf16_base_keeps_no_fp32_copy_of_layer_inputs_for_backward(monkeypatch, tmp_path, tiny_model_dir, name):
+    """Under autocast (bf16 base) PEFT's cast of each adapted layer's input to the fp32 adapter is off
+    while training: the adapter path gets the bf16 input itself, so the backward pass keeps no fp32 copy
+    of it (measured on chat data: 5.6 vs 3.9 GB peak). Evaluation, without autocast, still casts."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_finetune import methods
+    from llm_finetune.config import MethodConfig
+    from llm_finetune.trainer import FinetuneTrainer, training_arguments
+
+    monkeypatch.setenv("LLM_FINETUNE_CPU_BF16", "1")
+    cfg = _cfg(tmp_path, tiny_model_dir, f"method.name={name}")
+    model = methods.apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=BF16),
+                                 MethodConfig(name=name, dropout=0.0), total_steps=10)
+    trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, 10, 1e-3))
+    assert trainer.args.bf16
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 11, 64, 9, 8, 7, 6]])
+    seen = []  # the dtype each adapter path receives: LoRA's and DoRA's lora_A, AdaLoRA's dropout
+    for module_name, module in model.named_modules():
+        if module_name.endswith("lora_A.default" if name != "adalora" else "lora_dropout.default"):
+            module.register_forward_pre_hook(  # token activations only (DoRA also feeds lora_A its weights)
+                lambda m, args: seen.append(args[0].dtype) if args[0].shape[:-1] == ids.shape else None)
+    model.train()
+    with torch.autocast("cpu", dtype=BF16):
+        trainer.compute_loss(model, {"input_ids": ids, "labels": ids}).backward()
+    assert seen and set(seen) == {BF16}, set(seen)
+    seen.clear()
+    model.eval()
+    with torch.no_grad():  # no autocast: PEFT casts to the fp32 adapter as before
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert set(seen) == {F32}
+
+
+@pytest.mark.parametrize("name", ADAPTER_METHODS)
+def test_every_adapter_method_trains_on_the_bf16_base(monkeypatch, tmp_path, tiny_model_dir, name):
+    from llm_finetune.train import run
+
+    monkeypatch.setenv("LLM_FINETUNE_CPU_BF16", "1")
+    options = ["method.num_virtual_tokens=4"] if name.endswith("tuning") else []
+    result = run(_cfg(tmp_path, tiny_model_dir, f"method.name={name}", *options, "train.max_steps=3",
+                      "train.logging_steps=1", "data.eval_file=null"))
+    assert result.manifest["precision"]["autocast"] == "bfloat16"
+    losses = [json.loads(line).get("loss") for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in losses if x is not None] and all(math.isfinite(x) for x in losses if x is not None)

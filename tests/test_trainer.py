@@ -76,8 +76,9 @@ ADALORA = ["method.name=adalora", "method.adalora_init_r=4", "method.adalora_tar
            "method.adalora_orth_reg_weight=0.5"]
 
 
+@pytest.mark.parametrize("packing", ["true", "false"], ids=["packed", "padded"])
 @pytest.mark.parametrize("method", [["method.name=lora"], ADALORA], ids=["lora", "adalora"])
-def test_accumulation_gives_the_same_step(tmp_path, tiny_model_dir, method):
+def test_accumulation_gives_the_same_step(tmp_path, tiny_model_dir, method, packing):
     """(batch 8, accumulation 1) and (batch 2, accumulation 4) on the same 8 examples of different
     lengths: the same loss and, after one SGD step at lr 1, the same weights, i.e. the same gradients.
     The loss is token-weighted over the accumulated batch (the Trainer's num_items_in_batch)."""
@@ -85,6 +86,7 @@ def test_accumulation_gives_the_same_step(tmp_path, tiny_model_dir, method):
     for i, row in enumerate(rows):  # lengths that differ a lot, so a per-micro-batch mean would differ
         row["output"] = row["output"] + " ok" * (7 * i)
     write_jsonl(tmp_path / "train.jsonl", rows)
+    method = [*method, f"train.packing={packing}"]
     whole, whole_loss = _one_sgd_step(tmp_path, tiny_model_dir, "whole", 8, 1, method)
     split, split_loss = _one_sgd_step(tmp_path, tiny_model_dir, "split", 2, 4, method)
     assert whole_loss == pytest.approx(split_loss, abs=1e-5)
@@ -183,7 +185,7 @@ def test_logits_where_trained_is_on_only_for_methods_that_keep_the_sequence(tiny
     """Prompt-learning methods prepend virtual tokens (positions shift) and AdaLoRA adds its regulariser
     to the model's own loss: both keep the full computation."""
     from llm_finetune.data.prepare import PreparedData
-    from llm_finetune.data.tokenize import EncodeStats, Encoded
+    from llm_finetune.data.tokenize import Encoded, EncodeStats
     from llm_finetune.models import load_tokenizer
     from llm_finetune.trainer import build_trainer
 
@@ -210,7 +212,7 @@ def test_length_grouped_batches_carry_less_padding(tiny_model_dir, tmp_path):
     import random
 
     from llm_finetune.data.prepare import PreparedData
-    from llm_finetune.data.tokenize import EncodeStats, Encoded
+    from llm_finetune.data.tokenize import Encoded, EncodeStats
     from llm_finetune.models import load_tokenizer
     from llm_finetune.trainer import build_trainer
 
@@ -221,7 +223,7 @@ def test_length_grouped_batches_carry_less_padding(tiny_model_dir, tmp_path):
     data = PreparedData(None, rows, EncodeStats(examples=128, kept=128, tokens=sum(lengths), trained_tokens=0))
 
     def padding(group: bool) -> tuple[float, list[int]]:
-        cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"train.group_by_length={str(group).lower()}",
+        cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"train.group_by_length={str(group).lower()}", "train.packing=false",
                                  "train.batch_size=8", f"output.dir={tmp_path / 'ck'}", "output.tensorboard=false"])
         from transformers import AutoModelForCausalLM
 

@@ -194,12 +194,19 @@ class TrainConfig:
     logging_steps: int = _f(5, "Log loss and throughput every N steps.", min=1)
     save_steps: int | None = _f(None, "Write an intermediate checkpoint every N steps; null = none.", min=1)
     save_total_limit: int = _f(2, "Keep at most this many intermediate checkpoints.", min=1)
+    packing: bool | None = _f(
+        None, "Padding-free batches: each batch's examples end to end in one row, each attending only to itself "
+        "(per-example positions, no padding computed, no attention mask made). Same examples per step and same "
+        "loss as padded batches. null = on for every method that can (not prompt_tuning, prefix_tuning, "
+        "p_tuning: PEFT ignores per-example positions for them).")
     group_by_length: bool = _f(
         False, "Batch examples of similar length together (seeded groups, longest first), so little of each batch "
-        "is padding: faster on data of mixed lengths (+9% measured on chat data), but the order changes what a "
-        "short run learns (the main job: eval loss 0.072 vs 0.060 ungrouped), so it is off by default.")
+        "is padding (matters where packing is off): the order changes what a short run learns (the main job: "
+        "eval loss 0.072 vs 0.060 ungrouped), so it is off by default.")
     gradient_checkpointing: bool = _f(False, "Trade compute for activation memory.")
-    num_threads: int | None = _f(None, "CPU threads for torch; null = all cores.", min=1)
+    num_threads: int | None = _f(
+        None, "CPU threads for torch; null = the physical cores, divided among the run's processes on this "
+        "machine.", min=1)
     optimizer: OptimizerName = _f(
         "adamw",
         "Optimizer: adamw (torch), adamw_8bit (bitsandbytes, 8-bit states; runs on CPU too), paged_adamw_8bit / "
@@ -270,10 +277,16 @@ class RunConfig:
         """train.learning_rate, or the method's default (methods.METHODS) when it is null."""
         return self.train.learning_rate or METHODS[self.method.name].learning_rate
 
+    @property
+    def packing(self) -> bool:
+        """train.packing, or (null) whether the method can train on packed rows (methods.Method.packs)."""
+        return self.train.packing if self.train.packing is not None else METHODS[self.method.name].packs
+
     def resolved(self) -> RunConfig:
-        """A copy with every default that depends on other keys filled in (the method's learning rate):
-        what a run saves as run_config.json. The config itself is never changed after loading."""
-        return dataclasses.replace(self, train=dataclasses.replace(self.train, learning_rate=self.learning_rate))
+        """A copy with every default that depends on other keys filled in (the method's learning rate,
+        packing): what a run saves as run_config.json. The config itself is never changed after loading."""
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, learning_rate=self.learning_rate,
+                                                                    packing=self.packing))
 
     def validate(self, source: str) -> None:
         """Every rule between keys of different sections, checked once when the config is loaded."""
@@ -309,6 +322,10 @@ class RunConfig:
         if t.eval_steps and t.load_best_at_end and t.save_steps and t.save_steps % t.eval_steps:
             fail(f"train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}) to keep "
                  "the best checkpoint; or set train.save_steps=null to save only when the eval loss improves")
+        if t.packing and not METHODS[m.name].packs:
+            fail(f"train.packing=true cannot train method.name={m.name}: PEFT ignores the per-example positions of "
+                 "a packed row for virtual-token methods, so examples would attend to each other. Set "
+                 "train.packing=false (or null, which packs only where the method can).")
         forced = METHODS[m.name].quantization
         if forced and self.model.quantization not in ("none", forced):
             fail(f"method.name={m.name} means a {forced} base, but model.quantization is "

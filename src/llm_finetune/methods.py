@@ -14,8 +14,9 @@ splitting them would put a method's facts in two files again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .artifacts import open_adapter
 from .errors import MethodError
@@ -60,6 +61,12 @@ class Method:
     def adapts_layers(self) -> bool:
         """Adds weights to chosen layers (target_modules; can train added token rows)."""
         return self.family in ("lora", "adalora", "ia3")
+
+    @property
+    def packs(self) -> bool:
+        """Can train on padding-free packed rows: PEFT ignores position_ids for virtual-token methods
+        (prompt, prefix and p-tuning prepend tokens or a cache), so examples would attend across."""
+        return self.family != "prompt"
 
     @property
     def keeps_tied_copies(self) -> bool:
@@ -486,7 +493,7 @@ def peft_type_of(model) -> str | None:
     config = getattr(model, "peft_config", None)
     if not config:
         return None
-    return str(getattr(config[getattr(model, "active_adapter", "default")], "peft_type").value)
+    return str(config[getattr(model, "active_adapter", "default")].peft_type.value)
 
 
 def _shares_storage(a, b) -> bool:

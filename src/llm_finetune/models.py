@@ -199,6 +199,21 @@ def pick_dtype(requested: str):
 CPU_BF16_ENV = "LLM_FINETUNE_CPU_BF16"
 
 
+def default_threads() -> tuple[int, str]:
+    """CPU threads for torch in one process (train.num_threads null): the physical cores this process may
+    use, divided among the run's processes on this machine (LOCAL_WORLD_SIZE, set by torchrun and
+    accelerate). Hyper-threads share a core's matrix units, so counting them only adds contention."""
+    import psutil
+
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    physical = psutil.cpu_count(logical=False) or logical
+    per_core = max(1, (psutil.cpu_count(logical=True) or physical) // physical)
+    cores = max(1, min(physical, logical // per_core))
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = max(1, cores // processes)
+    return threads, f"{cores} physical core(s) / {processes} process(es) on this machine"
+
+
 def cpu_bf16_is_fast() -> tuple[bool, str]:
     """Does this CPU multiply bf16 matrices in hardware (AVX512-BF16 or AMX)? With the reason, for the log.
 
@@ -247,7 +262,10 @@ def training_precision(requested: str, trains_full_weights: bool, quantized: boo
     the half dtype itself; PEFT keeps the adapter's own weights in fp32 (autocast_adapter_dtype).
     Autocast is used where the Trainer applies it: bf16 or fp16 on CUDA, bf16 on CPU.
     On a CPU, `auto` stores a frozen (unquantised) base in bf16 when the CPU computes bf16 in hardware
-    (`cpu_bf16_is_fast`), without autocast: the adapter, its gradients and optimizer state stay fp32.
+    (`cpu_bf16_is_fast`) and computes the adapter in bf16 under autocast, while the adapter's weights,
+    gradients and optimizer state stay fp32 (mixed precision). The autocast matters for memory: without
+    it PEFT keeps an fp32 copy of every adapted layer's input for the backward pass (measured on chat
+    data: 5.6 GB peak without, 3.9 GB with, and 9% faster; the trainer lets autocast do the casting).
     """
     import torch
 
@@ -255,7 +273,8 @@ def training_precision(requested: str, trains_full_weights: bool, quantized: boo
     if requested == "auto" and not cuda and not trains_full_weights and not quantized:
         fast, reason = cpu_bf16_is_fast()
         if fast:
-            return Precision(torch.bfloat16, None, f"bf16 frozen base, fp32 adapter: {reason}")
+            return Precision(torch.bfloat16, torch.bfloat16,
+                             f"bf16 frozen base and bf16 autocast, fp32 adapter weights and optimizer state: {reason}")
         return Precision(torch.float32, None, f"float32: {reason}")
     weights = pick_dtype(requested)
     compute = weights

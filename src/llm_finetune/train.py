@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -24,14 +25,15 @@ from transformers import set_seed
 
 from . import methods
 from .artifacts import RUN_CONFIG, RUN_MANIFEST
+from .attention import use_padding_free_attention
 from .config import RunConfig
 from .data.prepare import PreparedData, prepare_data
-from .errors import DataError
+from .errors import DataError, MethodError
 from .evaluation.report import add_context, write_into_adapter, write_report
 from .evaluation.score import EvalOptions, compare_base_and_tuned, format_table, load_eval_set, options_from_config
 from .hub import describe_adapter_folder, write_adapter_card
 from .manifest import atomic_dir, package_versions, write_json, write_jsonl
-from .models import ModelSource, Precision, load_model, load_tokenizer, resolve_source, run_precision
+from .models import ModelSource, Precision, default_threads, load_model, load_tokenizer, resolve_source, run_precision
 from .quiet import relay_into
 from .trainer import build_trainer, mark_best_checkpoint, plan_steps
 
@@ -89,8 +91,9 @@ def run(cfg: RunConfig) -> RunResult:
 
 def setup(cfg: RunConfig) -> Setup:
     started = time.time()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    threads, why = (cfg.train.num_threads, "train.num_threads") if cfg.train.num_threads else default_threads()
+    torch.set_num_threads(threads)
+    packing_asked = cfg.train.packing  # true, false, or null: where the method and the model can
     cfg = cfg.resolved()
 
     # Checked before anything is written: model source, tokenizer, data, what this machine can run,
@@ -112,6 +115,7 @@ def setup(cfg: RunConfig) -> Setup:
 
     run.log_path = setup_logging(Path(cfg.output.logs_dir))
     _log_plan(run, method_notes)
+    log.info("threads: %d (%s)", threads, why)
 
     set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
     model = load_model(source, run.precision.load_name, run.quantization, cfg.model.trust_remote_code,
@@ -120,6 +124,11 @@ def setup(cfg: RunConfig) -> Setup:
                                      tokenizer_path=source.load_path,
                                      gradient_checkpointing=cfg.train.gradient_checkpointing,
                                      trainable_token_indices=data.added_tokens or None)
+    if cfg.packing and (why_not := use_padding_free_attention(run.model)):
+        if packing_asked:
+            raise MethodError(f"train.packing=true: {why_not}; set train.packing=false (or null)")
+        log.info("batches: padded rows after all: %s", why_not)
+        run.cfg = cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=False))
     run.parameters = methods.count_parameters(run.model)
     trainable, total = run.parameters
     log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
@@ -175,6 +184,8 @@ def _log_plan(run: Setup, method_notes: list[str]) -> None:
     log.info("plan: %d steps of %d examples, learning rate %g", run.steps,
              cfg.train.batch_size * cfg.train.gradient_accumulation_steps, cfg.learning_rate)
     log.info("precision: %s (model.dtype=%s)", run.precision.why, cfg.model.dtype)
+    log.info("batches: %s", "padding-free: each batch's examples packed in one row, attention within each example "
+             "(train.packing)" if cfg.packing else "right-padded rows with an attention mask (train.packing=false)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,18 +15,23 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
+from .attention import use_padding_free_attention
 from .config import RunConfig
-from .data.collate import PaddingCollator
+from .data.collate import PaddingCollator, PaddingFreeCollator
 from .data.prepare import PreparedData
 from .data.tokenize import IGNORE_INDEX
+from .errors import MethodError
 from .evaluation.score import eval_loss
 from .manifest import write_json
 from .methods import METHODS, OPTIMIZERS
@@ -118,13 +123,11 @@ class FinetuneTrainer(Trainer):
     """`Trainer` with a token-weighted eval loss and an AdaLoRA regulariser that ignores accumulation."""
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """The token-weighted loss the final report shows (same function, same collator)."""
+        """The token-weighted loss the final report shows (same function, padded rows: per-example sums)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         features = [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in dataset]
-        pad = getattr(self.data_collator, "pad_token_id", None)
-        if pad is None:
-            pad = self.processing_class.pad_token_id
-        result = eval_loss(self.model, features, pad, self.args.per_device_eval_batch_size, self.data_collator)
+        result = eval_loss(self.model, features, self.processing_class.pad_token_id,
+                           self.args.per_device_eval_batch_size)
         metrics = {f"{metric_key_prefix}_loss": result["loss"],
                    f"{metric_key_prefix}_perplexity": result["perplexity"],
                    f"{metric_key_prefix}_tokens": result["tokens"]}
@@ -132,14 +135,29 @@ class FinetuneTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _track_num_input_tokens(self, inputs):
+        """A padding-free batch has no padding (and no attention mask): every token counts. Stock
+        counting would compare with the pad id, which a packed row holds as real text when the pad token
+        is also the end-of-turn token."""
+        if "cu_seq_lens_q" not in inputs or self.args.include_num_input_tokens_seen == "no":
+            return super()._track_num_input_tokens(inputs)
+        tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
     # Set by build_trainer: the output head runs only where a token is trained (methods that do not
     # change the sequence or add their own loss term: the LoRA family, IA3, full).
     logits_where_trained = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.logits_where_trained and model.training and not return_outputs and self.compute_loss_func is None:
-            return self._loss_where_trained(model, inputs, num_items_in_batch)
-        return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        """Under autocast (a half-precision base), PEFT's own cast of each adapted layer's input to the
+        adapter's fp32 is turned off while training: autocast computes the adapter in the half dtype
+        from the input as it is, so no fp32 copy of it is kept for the backward pass. Outside training
+        (evaluation has no autocast) PEFT casts as usual."""
+        autocast = model.training and (self.args.bf16 or self.args.fp16)
+        with _adapter_inputs_uncast(model, autocast):
+            if self.logits_where_trained and model.training and not return_outputs and self.compute_loss_func is None:
+                return self._loss_where_trained(model, inputs, num_items_in_batch)
+            return self._model_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _loss_where_trained(self, model, inputs, num_items_in_batch):
         """The causal-LM loss with the output head applied only at positions whose next token is trained.
@@ -162,7 +180,7 @@ class FinetuneTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales a model's own loss
         return loss
 
-    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _model_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """AdaLoRA: PEFT adds `orth_reg_weight * R` to the loss of every forward pass (AdaLoraModel.forward).
         The Trainer passes `num_items_in_batch` (the accumulated batch's supervised tokens) to the model,
         so each micro-batch's cross-entropy is already a share of the accumulated batch's mean and the
@@ -183,6 +201,24 @@ class FinetuneTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             config.orth_reg_weight = weight
+
+
+@contextmanager
+def _adapter_inputs_uncast(model, active: bool) -> Iterator[None]:
+    """PEFT's `disable_input_dtype_casting`, for every adapter layer type (PEFT's own fails on IA3, whose
+    layers lack the flag)."""
+    if not active:
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, before):
+            m.cast_input_dtype_enabled = flag
 
 
 def _adalora_model(model):
@@ -294,8 +330,11 @@ def _dataset(rows) -> Dataset:
 
 def build_trainer(cfg: RunConfig, model, tokenizer, data: PreparedData, steps: int, learning_rate: float,
                   logs_dir: Path) -> FinetuneTrainer:
-    """The Trainer for this run: padded batches of the encoded rows, the in-training eval set (the
+    """The Trainer for this run: padding-free packed rows (train.packing: the collator, and the model's
+    attention switched to attention.varlen_sdpa) or padded rows, and the in-training eval set (the
     selection set when there is one, else the eval set) when train.eval_steps asks for it."""
+    if cfg.packing and (why_not := use_padding_free_attention(model)):
+        raise MethodError(f"train.packing: {why_not}; set train.packing=false")
     in_training_eval = data.selection or data.eval
     eval_dataset = _dataset(in_training_eval) if cfg.train.eval_steps and in_training_eval else None
     trainer = FinetuneTrainer(
@@ -303,7 +342,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, data: PreparedData, steps: i
         args=training_arguments(cfg, steps, learning_rate, has_eval=eval_dataset is not None),
         train_dataset=_dataset(data.train),
         eval_dataset=eval_dataset,
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        data_collator=PaddingFreeCollator() if cfg.packing else PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=training_callbacks(cfg, model, logs_dir),
     )

@@ -1,7 +1,6 @@
-"""Batches of encoded examples: dynamic right padding, labels padded with -100.
+"""Batches of encoded examples: right-padded rows (labels padded with -100), or padding-free rows.
 
-Kept separate from the trainer so a packing collator (padding-free, attention per example) can
-replace it without touching the data step.
+`train.packing` chooses which (trainer.build_trainer); the data step is the same for both.
 """
 
 from __future__ import annotations
@@ -33,3 +32,32 @@ class PaddingCollator:
             labels[i, :k] = torch.as_tensor(f["labels"])
             attention[i, :k] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+@dataclass
+class PaddingFreeCollator:
+    """A batch's examples end to end in one row: no padding token is computed.
+
+    Each example keeps its own positions (`position_ids` restart at 0) and its bounds travel as
+    `cu_seq_lens_q`/`cu_seq_lens_k` (cumulative lengths) with `max_length_q`/`max_length_k`, the
+    varlen convention transformers passes to the attention: `attention.varlen_sdpa` on a CPU, flash
+    attention's varlen kernels on a GPU. The first token of every example is never a target, so no
+    example learns to predict its first token from the end of the one before it; the examples'
+    other labels are kept exactly. No attention mask is sent: with stock sdpa the model would build a
+    dense block mask from the restarting positions instead (correct, but slow)."""
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        labels = []
+        for f in features:
+            own = list(f["labels"])
+            own[0] = IGNORE_INDEX
+            labels += own
+        bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        longest = max(lengths)
+        return {
+            "input_ids": torch.tensor([t for f in features for t in f["input_ids"]], dtype=torch.long)[None],
+            "labels": torch.tensor(labels, dtype=torch.long)[None],
+            "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+            "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest,
+        }
