@@ -19,6 +19,8 @@ RUN_MANIFEST = "run_manifest.json"
 RUN_CONFIG = "run_config.json"
 MERGE_RECORD = "llm_finetune_merge.json"  # written by `merge` into the merged folder
 SOURCE_RECORD = "llm_finetune_source.json"  # written when the default model is converted from its GGUF
+# Weight files in Python's pickle format: loading one can run any code it holds.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:
@@ -95,10 +97,32 @@ class AdapterFolder:
         return base
 
 
-def open_adapter(path: str | Path, role: str = "adapter") -> AdapterFolder:
+def pickle_weights(folder: str | Path) -> list[Path]:
+    """The pickle weight files a loader would read from `folder`: those it holds when it has no
+    safetensors weights (transformers and PEFT read safetensors first when both are there)."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def refuse_pickle(folder: str | Path, role: str, allow: bool) -> None:
+    """ArtifactError naming the file unless `allow`: weights are read from safetensors only by default."""
+    files = [] if allow else pickle_weights(folder)
+    if files:
+        raise ArtifactError(
+            f"{role}: {files[0]}: weights stored as a Python pickle ({files[0].suffix}). Loading a pickle runs "
+            "whatever code it holds, so a file from an untrusted source can take over this machine; this tool "
+            "loads safetensors only. Use a safetensors copy (e.g. save_pretrained(..., safe_serialization=True) "
+            "where you trust the file), or, if you trust its source, opt in: model.allow_pickle=true in the "
+            "config (train, eval) or --allow-pickle (generate, chat, predict, merge).")
+
+
+def open_adapter(path: str | Path, role: str = "adapter", allow_pickle: bool = False) -> AdapterFolder:
     """The adapter folder at `path`, or an ArtifactError that says what `path` is instead and what to pass.
 
-    `role` names where the path came from in the message (e.g. "--adapter", "method.init_adapter")."""
+    `role` names where the path came from in the message (e.g. "--adapter", "method.init_adapter").
+    Pickle weights are refused unless `allow_pickle` (model.allow_pickle / --allow-pickle)."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{role}: {path}: not an adapter folder: it does not exist (train one first with "
@@ -109,6 +133,7 @@ def open_adapter(path: str | Path, role: str = "adapter") -> AdapterFolder:
                                 f"pass it as --model {path}")
         raise ArtifactError(f"{role}: {path}: not an adapter folder (no {ADAPTER_CONFIG}). Pass the folder written "
                             "by `llm-finetune train`, e.g. checkpoints/adapter_model")
+    refuse_pickle(path, role, allow_pickle)
     return AdapterFolder(path, read_json(path / ADAPTER_CONFIG) or {}, read_json(path / RUN_MANIFEST) or {})
 
 

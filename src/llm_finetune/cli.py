@@ -63,7 +63,8 @@ def cmd_generate(args) -> int:
     from .generate import base_for, load_for_inference, stream_one
 
     sampling = _sampling(args)
-    model, tokenizer = load_for_inference(base_for(args.model, args.adapter), args.adapter)
+    model, tokenizer = load_for_inference(base_for(args.model, args.adapter), args.adapter,
+                                          allow_pickle=args.allow_pickle)
     encoder = ChatEncoder(tokenizer, system_prompt=args.system)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
@@ -114,7 +115,8 @@ def cmd_chat(args) -> int:
     from .generate import base_for, chat_loop, load_for_inference
 
     sampling = _sampling(args)
-    model, tokenizer = load_for_inference(base_for(args.model, args.adapter), args.adapter)
+    model, tokenizer = load_for_inference(base_for(args.model, args.adapter), args.adapter,
+                                          allow_pickle=args.allow_pickle)
     encoder = ChatEncoder(tokenizer, system_prompt=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -134,7 +136,8 @@ def cmd_predict(args) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     prompts = load_prompts(args.input, args.format)  # every row checked before the model is loaded
-    model, tokenizer = load_for_inference(base_for(args.model, args.adapter), args.adapter)
+    model, tokenizer = load_for_inference(base_for(args.model, args.adapter), args.adapter,
+                                          allow_pickle=args.allow_pickle)
     encoder = ChatEncoder(tokenizer, system_prompt=args.system)
     n = predict_file(model, tokenizer, encoder, prompts, args.out, args.batch_size, sampling)
     print(f"{n} predictions written to {args.out}")
@@ -168,7 +171,7 @@ def cmd_init(args) -> int:
 def cmd_merge(args) -> int:
     from .export.merge import merge
 
-    result = merge(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
+    result = merge(args.adapter, args.out, model=args.model, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
     for check in result.checks or [result.check]:
         print(check.line())
     print(f"tied embeddings: {'kept tied' if result.tied else 'not tied in the base'}")
@@ -291,6 +294,13 @@ def _inference_args(p, max_new_tokens: int = 256):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="makes sampled output repeatable")
+    _allow_pickle_arg(p)
+
+
+def _allow_pickle_arg(p):
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load weights stored as Python pickles (.bin/.pt): loading one runs any code it holds, "
+                        "so only for files you trust (default: safetensors only)")
 
 
 def _chat_args(p):
@@ -325,6 +335,7 @@ def _merge_args(p):
     p.add_argument("--out", required=True, help="folder to write the merged model to")
     p.add_argument("--model", help="base model (default: the one recorded in the adapter's run_manifest.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _allow_pickle_arg(p)
 
 
 def _export_args(p):

@@ -45,6 +45,9 @@ class ModelConfig:
     )
     quantization: Literal["none", "8bit", "4bit"] = _f("none", "Load the frozen base quantised (bitsandbytes).")
     trust_remote_code: bool = _f(False, "Allow model code from the Hub repository.")
+    allow_pickle: bool = _f(
+        False, "Also load weights stored as Python pickles (.bin/.pt/.pth): loading a pickle runs any code it "
+        "holds, so only for files from a source you trust. Off: safetensors only (base, adapters, init_adapter).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit).")
 
 

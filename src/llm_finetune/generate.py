@@ -20,14 +20,16 @@ class Generation:
 
 
 def load_for_inference(model_path: str = "default", adapter: str | None = None, dtype: str = "auto",
-                       quantization: str = "none"):
+                       quantization: str = "none", allow_pickle: bool = False):
     """Base model (+ adapter). The tokenizer and template come from the adapter when it has them,
-    so inference uses exactly the template the adapter was trained with."""
-    folder = open_adapter(adapter, "--adapter") if adapter else None
+    so inference uses exactly the template the adapter was trained with. Weights from safetensors
+    only unless `allow_pickle` (--allow-pickle)."""
+    folder = open_adapter(adapter, "--adapter", allow_pickle) if adapter else None
     source = resolve_source(model_path)
     tokenizer = load_tokenizer(folder.tokenizer_path(source.load_path) if folder else source.load_path)
     # The adapter's template may have added special tokens; their trained rows come with the adapter.
-    model = load_model(source, dtype=dtype, quantization=quantization, tokenizer=tokenizer, cpu_4bit_packing=True)
+    model = load_model(source, dtype=dtype, quantization=quantization, tokenizer=tokenizer, cpu_4bit_packing=True,
+                       allow_pickle=allow_pickle)
     if folder:
         from peft import PeftModel  # imports a good part of PEFT: only when an adapter is applied
 
@@ -166,7 +168,7 @@ def base_for(model: str | None, adapter: str | None) -> str:
     if model:
         return model
     if adapter:
-        return open_adapter(adapter, "--adapter").base_model()
+        return open_adapter(adapter, "--adapter", allow_pickle=True).base_model()  # its manifest only, no weights
     return "default"
 
 

@@ -126,13 +126,14 @@ def preflight(cfg) -> list[str]:
         if problem:
             raise MethodError(f"train.optimizer={optim} needs bitsandbytes: {problem}. Use train.optimizer=adamw.")
     if m.init_adapter:
-        check_init_adapter(m.init_adapter, m.name)
+        check_init_adapter(m.init_adapter, m.name, cfg.model.allow_pickle)
     return notes
 
 
-def check_init_adapter(path: str, method: str) -> None:
-    """method.init_adapter must hold an adapter of a PEFT type `method` can continue."""
-    peft_type = open_adapter(path, "method.init_adapter").peft_type
+def check_init_adapter(path: str, method: str, allow_pickle: bool = False) -> None:
+    """method.init_adapter must hold an adapter of a PEFT type `method` can continue (in safetensors,
+    unless model.allow_pickle)."""
+    peft_type = open_adapter(path, "method.init_adapter", allow_pickle).peft_type
     if METHODS[method].peft_type != peft_type:
         others = [m.name for m in METHODS.values() if m.peft_type == peft_type]
         raise MethodError(f"method.init_adapter: {path} holds a {peft_type} adapter, which method.name={method!r} "
@@ -412,7 +413,7 @@ def is_quantized(model) -> bool:
 
 def apply_method(model, cfg: MethodConfig, total_steps: int | None = None, tokenizer=None,
                  tokenizer_path: str | None = None, gradient_checkpointing: bool = False,
-                 trainable_token_indices: list[int] | None = None) -> Any:
+                 trainable_token_indices: list[int] | None = None, allow_pickle: bool = False) -> Any:
     """Wrap `model` for training with the configured method; return the trainable model.
 
     `trainable_token_indices`: embedding rows trained in full (tokens a template added). PEFT trains
@@ -429,7 +430,7 @@ def apply_method(model, cfg: MethodConfig, total_steps: int | None = None, token
         # activations are checkpointed through frozen quantised layers).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if cfg.init_adapter:
-        check_init_adapter(cfg.init_adapter, cfg.name)
+        check_init_adapter(cfg.init_adapter, cfg.name, allow_pickle)
         peft_model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
         if cfg.name == "adalora" and total_steps:
             peft_model.peft_config["default"].total_step = total_steps

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .artifacts import SOURCE_RECORD
+from .artifacts import SOURCE_RECORD, refuse_pickle
 from .errors import ModelSourceError
 from .manifest import atomic_dir, write_json
 from .methods import effective_quantization, quantization_config
@@ -309,7 +309,7 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
 
 def load_model(source: ModelSource | str, dtype: str = "auto", quantization: str = "none",
                trust_remote_code: bool = False, revision: str | None = None, tokenizer=None,
-               cpu_4bit_packing: bool = False):
+               cpu_4bit_packing: bool = False, allow_pickle: bool = False):
     """Load the base model; the one loader every verb uses.
 
     `tokenizer`: when it has more tokens than the model has embedding rows (a template added special
@@ -318,11 +318,15 @@ def load_model(source: ModelSource | str, dtype: str = "auto", quantization: str
     `cpu_4bit_packing`: let bitsandbytes use its packed bf16 CPU kernel for a 4-bit base (inference
     only: generate, chat, predict); layers it cannot pack stay unquantised (`quantization_skips`).
     Off, every 4-bit layer keeps the layout training uses (`keep_cpu_4bit_trainable`).
+    `allow_pickle`: also read pickle weight files (model.allow_pickle); by default safetensors only.
     """
     from transformers import AutoModelForCausalLM
 
     path = source.load_path if isinstance(source, ModelSource) else source
     kwargs = {"dtype": pick_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        refuse_pickle(path, "model", allow_pickle)  # a local folder: say which file, before loading
+        kwargs["use_safetensors"] = True  # a Hub id: transformers refuses pickle-only repositories
     if revision and isinstance(source, ModelSource) and source.kind == "hub":
         kwargs["revision"] = revision
     if quantization != "none":

@@ -119,11 +119,13 @@ def setup(cfg: RunConfig) -> Setup:
 
     set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
     model = load_model(source, run.precision.load_name, run.quantization, cfg.model.trust_remote_code,
-                       cfg.model.revision, tokenizer=tokenizer)  # fp32 where weights train in full
+                       cfg.model.revision, tokenizer=tokenizer,  # fp32 where weights train in full
+                       allow_pickle=cfg.model.allow_pickle)
     run.model = methods.apply_method(model, cfg.method, total_steps=steps, tokenizer=tokenizer,
                                      tokenizer_path=source.load_path,
                                      gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                     trainable_token_indices=data.added_tokens or None)
+                                     trainable_token_indices=data.added_tokens or None,
+                                     allow_pickle=cfg.model.allow_pickle)
     if cfg.packing and (why_not := use_padding_free_attention(run.model)):
         if packing_asked:
             raise MethodError(f"train.packing=true: {why_not}; set train.packing=false (or null)")
@@ -284,7 +286,8 @@ def evaluate_run(run: Setup, fitted: Fit) -> dict[str, Any]:
         # Full fine-tuning changed the weights in place: the base is a fresh copy from disk, loaded as
         # the tuned model was (fp32 master weights), so both sides of the table compute in one precision.
         base_model = load_model(run.source, run.precision.load_name, "none", cfg.model.trust_remote_code,
-                                cfg.model.revision, tokenizer=data.encoder.tokenizer)
+                                cfg.model.revision, tokenizer=data.encoder.tokenizer,
+                                allow_pickle=cfg.model.allow_pickle)
     examples = [ex for ex, _ in data.eval_pairs]
     encoded = [enc for _, enc in data.eval_pairs]
     report = compare_base_and_tuned(fitted.model, data.encoder, examples, encoded, e.metric, e.max_new_tokens,

@@ -40,8 +40,8 @@ class Side:
         return f"adapter {self.adapter}" if self.adapter else "base model (no adapter)"
 
 
-def _check_adapter(path: str | Path) -> Path:
-    return open_adapter(path, "--adapter").path
+def _check_adapter(path: str | Path, allow_pickle: bool = False) -> Path:
+    return open_adapter(path, "--adapter", allow_pickle).path
 
 
 def plan_sides(cfg: RunConfig, adapters: list[str], against: str | None) -> list[Side]:
@@ -51,12 +51,13 @@ def plan_sides(cfg: RunConfig, adapters: list[str], against: str | None) -> list
     if len(adapters) == 2:
         if against:
             raise EvalSetupError("use either two --adapter or one --adapter with --against, not both")
-        a, b = (_check_adapter(p) for p in adapters)
+        a, b = (_check_adapter(p, cfg.model.allow_pickle) for p in adapters)
         return [Side("A", a), Side("B", b)]
-    after = _check_adapter(adapters[0] if adapters else Path(cfg.output.dir) / cfg.output.adapter_name)
+    after = _check_adapter(adapters[0] if adapters else Path(cfg.output.dir) / cfg.output.adapter_name,
+                           cfg.model.allow_pickle)
     if against in (None, "base"):
         return [Side("base", None), Side("tuned", after)]
-    return [Side("A", _check_adapter(against)), Side("B", after)]
+    return [Side("A", _check_adapter(against, cfg.model.allow_pickle)), Side("B", after)]
 
 
 def _changed_files(files: list, recorded: dict[str, Any]) -> list[str]:
@@ -89,7 +90,8 @@ def trained_reference(adapter: Path, trust_remote_code: bool = False):
         return None, f"the run's training data is gone ({', '.join(gone)}, per {run_config})"
     changed = _changed_files(files, (read_json(adapter / RUN_MANIFEST) or {}).get("data", {}))
     try:
-        tokenizer = load_tokenizer(open_adapter(adapter).tokenizer_path(run_cfg.model.name_or_path),
+        tokenizer = load_tokenizer(open_adapter(adapter, allow_pickle=True)  # its tokenizer only, no weights
+                                   .tokenizer_path(run_cfg.model.name_or_path),
                                    trust_remote_code)
         examples = trained_examples(run_cfg, tokenizer)
     except Exception as e:  # noqa: BLE001 - a leak check that cannot run is reported, not fatal
@@ -131,7 +133,8 @@ def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | N
 
     source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
     newest = sides[-1].adapter
-    tok_path = open_adapter(newest).tokenizer_path(source.load_path) if newest else source.load_path
+    tok_path = (open_adapter(newest, allow_pickle=cfg.model.allow_pickle).tokenizer_path(source.load_path)
+                if newest else source.load_path)
     tokenizer = load_tokenizer(tok_path, cfg.model.trust_remote_code)
     d = cfg.data
     _, encoder = encoder_for(d, tokenizer)
@@ -143,7 +146,7 @@ def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | N
                   if cfg.eval.regression_file else None)
 
     model = load_model(source, run_precision(cfg).load_name, cfg.model.quantization, cfg.model.trust_remote_code,
-                       cfg.model.revision, tokenizer=tokenizer)
+                       cfg.model.revision, tokenizer=tokenizer, allow_pickle=cfg.model.allow_pickle)
     with_adapter = [s for s in sides if s.adapter]
     model = PeftModel.from_pretrained(model, with_adapter[0].adapter, adapter_name=with_adapter[0].name)
     for s in with_adapter[1:]:

@@ -32,7 +32,7 @@ class MergeResult:
     checks: list[Check] = field(default_factory=list)  # every check, informational ones included
 
 
-def merge_in_memory(adapter: str | Path, model: str | None = None):
+def merge_in_memory(adapter: str | Path, model: str | None = None, allow_pickle: bool = False):
     """Load base + adapter in float32, record adapter-on-base logits, fold the adapter in.
 
     Returns (merged model, tokenizer, checks, base name, source); the first check decides. float32
@@ -40,10 +40,10 @@ def merge_in_memory(adapter: str | Path, model: str | None = None):
     compared with the model that was trained (adapter on that quantised base): the gap is the
     quantisation's, reported for information, since the merged model is the float32 one.
     """
-    return _merge_folder(open_adapter(adapter, "merge"), model)
+    return _merge_folder(open_adapter(adapter, "merge", allow_pickle), model, allow_pickle)
 
 
-def _merge_folder(folder: AdapterFolder, model: str | None):
+def _merge_folder(folder: AdapterFolder, model: str | None, allow_pickle: bool = False):
     refusal = merge_refusal(folder.peft_type)
     if refusal:  # before any weights are loaded
         raise MethodError(f"{folder.path}: {refusal}")
@@ -57,10 +57,11 @@ def _merge_folder(folder: AdapterFolder, model: str | None):
     trained_logits = None
     if quantization != "none":
         trained = PeftModel.from_pretrained(load_model(source, dtype="float32", quantization=quantization,
-                                                       tokenizer=tokenizer), adapter).eval()
+                                                       tokenizer=tokenizer, allow_pickle=allow_pickle), adapter).eval()
         trained_logits = logits_for(trained, prompts)
         del trained
-    peft_model = PeftModel.from_pretrained(load_model(source, dtype="float32", tokenizer=tokenizer), adapter)
+    peft_model = PeftModel.from_pretrained(load_model(source, dtype="float32", tokenizer=tokenizer,
+                                                      allow_pickle=allow_pickle), adapter)
     peft_model.eval()
     reference = logits_for(peft_model, prompts)
     merged = merge_adapter(peft_model)
@@ -75,13 +76,15 @@ def _merge_folder(folder: AdapterFolder, model: str | None):
     return merged, tokenizer, checks, base, source
 
 
-def merge(adapter: str | Path, out_dir: str | Path, model: str | None = None, overwrite: bool = False) -> MergeResult:
-    """Adapter + base -> a full model folder that plain transformers loads (no PEFT needed)."""
+def merge(adapter: str | Path, out_dir: str | Path, model: str | None = None, overwrite: bool = False,
+          allow_pickle: bool = False) -> MergeResult:
+    """Adapter + base -> a full model folder that plain transformers loads (no PEFT needed). Weights are
+    read from safetensors only unless `allow_pickle`; the merged folder is always safetensors."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass --overwrite or choose another --out")
-    folder = open_adapter(adapter, "merge")
-    merged, tokenizer, checks, base, source = _merge_folder(folder, model)
+    folder = open_adapter(adapter, "merge", allow_pickle)
+    merged, tokenizer, checks, base, source = _merge_folder(folder, model, allow_pickle)
     check = checks[0]
     if not check.ok:
         raise ExportError(f"merge check failed, nothing written: {check.line()}")
