@@ -45,7 +45,7 @@ def cmd_train(args) -> int:
     with library_output_to_log(quiet_errors=_user_errors()):
         from .train import run
 
-        result = run(cfg)
+        result = run(cfg, resume=getattr(args, "resume", None), allow_changed=getattr(args, "allow_changed", False))
     if result.report:
         from .evaluation.score import format_table
 
@@ -276,6 +276,11 @@ def _train_args(p):
     _config_args(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters, memory, tokens and ETA from config.json alone; load no weights, train nothing")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue an interrupted run from the newest complete checkpoint in output.dir "
+                        "(or from CHECKPOINT); logs and metrics are appended")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="with --resume: continue although the config or the data changed (each change is logged)")
     p.add_argument("--throughput", type=float, metavar="TOKENS_PER_S",
                    help="training throughput for the dry run's ETA (default: from a previous run in output.dir)")
 

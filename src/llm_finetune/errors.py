@@ -45,5 +45,9 @@ class ExportError(UserError, ValueError):
     """A merged model or GGUF cannot be produced from this input."""
 
 
+class TrainingInterrupted(UserError):
+    """Ctrl-C / SIGTERM stopped training after a checkpoint was written; the message says how to resume."""
+
+
 class HubError(UserError, ValueError):
     """Pushing to the Hub cannot proceed."""

@@ -28,13 +28,14 @@ from .artifacts import RUN_CONFIG, RUN_MANIFEST
 from .attention import use_padding_free_attention
 from .config import RunConfig
 from .data.prepare import PreparedData, prepare_data
-from .errors import DataError, MethodError
+from .errors import DataError, MethodError, TrainingInterrupted
 from .evaluation.report import add_context, write_into_adapter, write_report
 from .evaluation.score import EvalOptions, compare_base_and_tuned, format_table, load_eval_set, options_from_config
 from .hub import describe_adapter_folder, write_adapter_card
 from .manifest import atomic_dir, package_versions, write_json, write_jsonl
 from .models import ModelSource, Precision, default_threads, load_model, load_tokenizer, resolve_source, run_precision
 from .quiet import relay_into
+from .resume import IdentityWriter, StopOnSignal, resume_point, run_identity
 from .trainer import build_trainer, mark_best_checkpoint, plan_steps
 
 log = logging.getLogger("llm_finetune")
@@ -57,6 +58,8 @@ class Setup:
     parameters: tuple[int, int] = (0, 0)  # trainable, total
     log_path: Path | None = None
     started: float = 0.0
+    identity: dict[str, Any] | None = None  # resolved config + data fingerprints, written into every checkpoint
+    resume_from: Path | None = None  # the checkpoint to continue from (--resume)
 
 
 @dataclass
@@ -78,9 +81,11 @@ class RunResult:
     report: dict[str, Any] | None
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """One fine-tuning run, as the config says."""
-    prepared = setup(cfg)
+def run(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = False) -> RunResult:
+    """One fine-tuning run, as the config says. `resume`: True continues from the newest complete
+    checkpoint in output.dir, a path from that checkpoint; `allow_changed` lets it continue although the
+    config or the data changed since (each change is logged)."""
+    prepared = setup(cfg, resume, allow_changed)
     fitted = fit(prepared)
     return finish(prepared, fitted)
 
@@ -89,7 +94,7 @@ def run(cfg: RunConfig) -> RunResult:
 # Setup
 
 
-def setup(cfg: RunConfig) -> Setup:
+def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = False) -> Setup:
     started = time.time()
     threads, why = (cfg.train.num_threads, "train.num_threads") if cfg.train.num_threads else default_threads()
     torch.set_num_threads(threads)
@@ -111,10 +116,18 @@ def setup(cfg: RunConfig) -> Setup:
                                 on_error=cfg.data.on_error, roles=cfg.data.roles)
                   if cfg.eval.regression_file and data.eval_pairs else None)
     run = Setup(cfg, source, tokenizer, data, steps, methods.effective_quantization(cfg.method.name,
-                cfg.model.quantization), run_precision(cfg), eval_options, regression, started=started)
+                cfg.model.quantization), run_precision(cfg), eval_options, regression, started=started,
+                identity=run_identity(cfg, data.fingerprints))
+    resume_notes: list[str] = []
+    if resume:
+        run.resume_from, resume_notes = resume_point(Path(cfg.output.dir), resume, run.identity, allow_changed)
 
-    run.log_path = setup_logging(Path(cfg.output.logs_dir))
+    run.log_path = setup_logging(Path(cfg.output.logs_dir), append=bool(resume))
     _log_plan(run, method_notes)
+    for note in resume_notes:
+        log.warning("resume: %s", note)
+    if run.resume_from:
+        log.info("resume: continuing from %s", run.resume_from)
     log.info("threads: %d (%s)", threads, why)
 
     set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
@@ -137,15 +150,16 @@ def setup(cfg: RunConfig) -> Setup:
     return run
 
 
-def setup_logging(logs_dir: Path) -> Path:
-    """The run's readable log, logs_dir/training.log; library notices held since the CLI started land in it."""
+def setup_logging(logs_dir: Path, append: bool = False) -> Path:
+    """The run's readable log, logs_dir/training.log (appended to when resuming); library notices held since
+    the CLI started land in it."""
     logs_dir.mkdir(parents=True, exist_ok=True)
     path = logs_dir / "training.log"
     for h in list(log.handlers):
         if getattr(h, "_llm_finetune", False):
             log.removeHandler(h)
             h.close()
-    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     handler._llm_finetune = True  # type: ignore[attr-defined]
     log.addHandler(handler)
@@ -196,9 +210,21 @@ def _log_plan(run: Setup, method_notes: list[str]) -> None:
 
 def fit(run: Setup) -> Fit:
     cfg = run.cfg
+    stop = StopOnSignal()
     trainer = build_trainer(cfg, run.model, run.tokenizer, run.data, run.steps, cfg.learning_rate,
-                            Path(cfg.output.logs_dir))
-    output = trainer.train()
+                            Path(cfg.output.logs_dir), resuming=run.resume_from is not None,
+                            extra_callbacks=[IdentityWriter(run.identity), stop])
+    try:
+        output = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    finally:
+        stop.restore()  # also when training raised: Ctrl-C is the default again
+    if stop.received:
+        checkpoint = Path(cfg.output.dir) / f"checkpoint-{trainer.state.global_step}"
+        log.warning("%s: stopped after step %d; checkpoint %s", stop.received, trainer.state.global_step, checkpoint)
+        raise TrainingInterrupted(
+            f"training stopped by {stop.received} after step {trainer.state.global_step} of {run.steps}; a resumable "
+            f"checkpoint is in {checkpoint}. Continue with the same command plus --resume "
+            f"(llm-finetune train --config <config> --resume)")
     fitted = Fit(trainer.model, trainer.state.global_step, output.training_loss,
                  int(trainer.state.num_input_tokens_seen), output.metrics["train_runtime"],
                  mark_best_checkpoint(trainer, Path(cfg.output.dir)))

@@ -266,16 +266,22 @@ class ProgressBar(TrainerCallback):
 class MetricsLogger(TrainerCallback):
     """Every log event goes to metrics.jsonl as one JSON line, and to the readable log as text."""
 
-    def __init__(self, path: Path, logger: logging.Logger = log):
+    def __init__(self, path: Path, logger: logging.Logger = log, append: bool = False):
+        """`append`: a resumed run keeps the history and marks where it resumed."""
         self.path = Path(path)
         self.log = logger
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
+        if not append or not self.path.exists():
+            self.path.write_text("")
         self.last_time = None
         self.last_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
+        if state.global_step and state.is_world_process_zero:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"event": "resume", "step": state.global_step}) + "\n")
+            self.log.info("resumed at step %d of %d", state.global_step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -303,9 +309,10 @@ class AdaLoraRankAllocator(TrainerCallback):
         self.adalora.update_and_allocate(state.global_step)
 
 
-def training_callbacks(cfg: RunConfig, model, logs_dir: Path) -> list[TrainerCallback]:
-    """metrics.jsonl, TensorBoard under logs_dir/tensorboard, early stopping, AdaLoRA's rank allocation."""
-    callbacks: list[TrainerCallback] = [MetricsLogger(Path(logs_dir) / "metrics.jsonl")]
+def training_callbacks(cfg: RunConfig, model, logs_dir: Path, resuming: bool = False) -> list[TrainerCallback]:
+    """metrics.jsonl (appended to when resuming), TensorBoard under logs_dir/tensorboard, early stopping,
+    AdaLoRA's rank allocation."""
+    callbacks: list[TrainerCallback] = [MetricsLogger(Path(logs_dir) / "metrics.jsonl", append=resuming)]
     if cfg.output.tensorboard:
         from transformers.integrations import TensorBoardCallback  # imports tensorboard: only when asked
 
@@ -329,7 +336,7 @@ def _dataset(rows) -> Dataset:
 
 
 def build_trainer(cfg: RunConfig, model, tokenizer, data: PreparedData, steps: int, learning_rate: float,
-                  logs_dir: Path) -> FinetuneTrainer:
+                  logs_dir: Path, resuming: bool = False, extra_callbacks: list | None = None) -> FinetuneTrainer:
     """The Trainer for this run: padding-free packed rows (train.packing: the collator, and the model's
     attention switched to attention.varlen_sdpa) or padded rows, and the in-training eval set (the
     selection set when there is one, else the eval set) when train.eval_steps asks for it."""
@@ -344,7 +351,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, data: PreparedData, steps: i
         eval_dataset=eval_dataset,
         data_collator=PaddingFreeCollator() if cfg.packing else PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=training_callbacks(cfg, model, logs_dir),
+        callbacks=training_callbacks(cfg, model, logs_dir, resuming) + list(extra_callbacks or []),
     )
     trainer.logits_where_trained = METHODS[cfg.method.name].family in ("lora", "ia3", "full")
     trainer.remove_callback(ProgressCallback)

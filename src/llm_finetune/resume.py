@@ -1,0 +1,173 @@
+"""Interruption and resume: which checkpoint to continue from, whether the run is still the same run,
+and stopping cleanly on Ctrl-C / SIGTERM.
+
+The Trainer restores model, optimizer, scheduler, RNG states and the data position from a checkpoint
+folder (`resume_from_checkpoint`); what it lacks is added here:
+- `latest_checkpoint` picks the newest checkpoint that is complete: its trainer state parses and every
+  safetensors file's header and length agree, so a checkpoint cut short (a kill during the write, a
+  full disk) is skipped with the reason and never loaded in part;
+- each checkpoint carries the run's identity (resolved config and data fingerprints, `RunIdentity`), and
+  a resume with a changed config or changed data says what changed and refuses unless allowed;
+- `StopOnSignal`: the first Ctrl-C / SIGTERM finishes the current optimizer step, saves a checkpoint and
+  stops; a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .artifacts import RUN_IDENTITY, read_json
+from .errors import ConfigError
+from .manifest import write_json
+
+# Keys that may change between a run and its resume without changing what is trained.
+_MAY_CHANGE = ("output.", "eval.", "train.logging_steps", "train.save_steps", "train.save_total_limit",
+               "train.num_threads", "train.max_steps", "model.allow_pickle")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """None when the checkpoint is complete, else what is wrong with it."""
+    state = folder / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError) as e:
+        return f"{state.name} unreadable ({type(e).__name__})"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no safetensors weights"
+    for f in weights:
+        try:
+            with open(f, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size != 8 + size + end:
+                return f"{f.name} is {f.stat().st_size} bytes, its header says {8 + size + end} (cut short)"
+        except (OSError, ValueError, struct.error, KeyError, TypeError) as e:
+            return f"{f.name} is damaged ({type(e).__name__})"
+    return None
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """checkpoint-N folders in out_dir, newest (highest step) first."""
+    found = [p for p in Path(out_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def latest_checkpoint(out_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint, and a line for each newer one skipped (with its reason)."""
+    skipped = []
+    for folder in checkpoints(out_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"{folder}: {problem}; skipped")
+    return None, skipped
+
+
+def run_identity(cfg, fingerprints: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run the same run: its resolved config and its data."""
+    return {"config": cfg.to_dict(), "data": fingerprints}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and prefix.count(".") < 1:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def identity_changes(saved: dict, current: dict) -> list[str]:
+    """Human lines for every config key or data fingerprint that differs (keys that may change are ignored)."""
+    lines = []
+    old, new = _flat(saved.get("config", {})), _flat(current.get("config", {}))
+    for key in sorted(set(old) | set(new)):
+        if not key.startswith(_MAY_CHANGE) and old.get(key) != new.get(key):
+            lines.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    if saved.get("data") != current.get("data"):
+        lines.append("data: the training data's fingerprint changed (a file was edited, added or removed)")
+    return lines
+
+
+def resume_point(out_dir: Path, resume: str | bool, identity: dict, allow_changed: bool) -> tuple[Path, list[str]]:
+    """The checkpoint to continue from (`resume` True: the newest complete one in out_dir; a path: that
+    one), and notes for the log. Refuses (ConfigError) with what changed unless `allow_changed`."""
+    notes: list[str] = []
+    if resume is True:
+        folder, notes = latest_checkpoint(out_dir)
+        if folder is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {out_dir}" + (f" ({'; '.join(notes)})" if notes
+                              else "") + "; start a new run without --resume")
+    else:
+        folder = Path(resume)
+        problem = checkpoint_problem(folder) if folder.is_dir() else "it does not exist"
+        if problem:
+            raise ConfigError(f"--resume {folder}: not a complete checkpoint: {problem}")
+    saved = read_json(folder / RUN_IDENTITY)
+    if saved is None:
+        notes.append(f"{folder} records no run identity (written by another tool?); config and data not compared")
+    else:
+        changed = identity_changes(saved, identity)
+        if changed and not allow_changed:
+            raise ConfigError(f"--resume {folder}: the run changed since this checkpoint:\n  " + "\n  ".join(changed)
+                              + "\nresume with the config and data it was trained with, or pass --allow-changed")
+        notes += [f"resumed with a change (--allow-changed): {c}" for c in changed]
+    return folder, notes
+
+
+class IdentityWriter(TrainerCallback):
+    """Writes the run identity into every checkpoint the Trainer saves."""
+
+    def __init__(self, identity: dict):
+        self.identity = identity
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json(folder / RUN_IDENTITY, self.identity)
+
+
+class StopOnSignal(TrainerCallback):
+    """First Ctrl-C / SIGTERM: finish the optimizer step, save a checkpoint, stop. Second: exit at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received:  # the second one: no checkpoint, nothing else written
+            self.restore()
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped at once")
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        """Put back the handlers that were there before training (idempotent)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self.previous = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()

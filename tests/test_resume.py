@@ -1,0 +1,134 @@
+"""Interruption and resume: SIGTERM mid-run writes a checkpoint and stops non-zero; --resume continues to
+the same per-step losses and the same adapter, bit for bit; a cut checkpoint is skipped; a changed config
+refuses; logs and metrics are appended, with the resume marked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import extraction_rows, write_jsonl
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from llm_finetune.config import load_config
+from llm_finetune.errors import ConfigError, TrainingInterrupted
+
+
+def _cfg(root, model_dir, name, *extra):
+    return load_config(None, [
+        f"model.name_or_path={model_dir}", f"data.train_file={root / 'train.jsonl'}", "data.eval_file=null",
+        "data.max_length=128", "method.dropout=0.1", "train.learning_rate=5e-3", "train.max_steps=10",
+        "train.logging_steps=1", "train.batch_size=4", "train.seed=3", f"output.dir={root / name / 'ck'}",
+        f"output.logs_dir={root / name / 'logs'}", "output.tensorboard=false", *extra])
+
+
+class _SignalAt(TrainerCallback):
+    """Sends the process SIGTERM during optimizer step `step`, as `kill` from outside would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _losses(root, name):
+    rows = [json.loads(line) for line in (root / name / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if r.get("event") == "resume"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = extraction_rows(40)
+    for i, row in enumerate(rows):
+        row["output"] += " ok" * (i % 5)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    return tmp_path
+
+
+def test_sigterm_then_resume_reproduces_the_uninterrupted_run(data, tiny_model_dir, monkeypatch):
+    import llm_finetune.train as train_module
+
+    root = data
+    whole = train_module.run(_cfg(root, tiny_model_dir, "whole"))
+
+    build = train_module.build_trainer
+
+    def build_with_signal(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(_SignalAt(5))
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", build_with_signal)
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM after step 5 of 10.*checkpoint-5.*--resume"):
+        train_module.run(_cfg(root, tiny_model_dir, "cut"))
+    monkeypatch.setattr(train_module, "build_trainer", build)
+    assert (root / "cut" / "ck" / "checkpoint-5").is_dir()
+    assert not (root / "cut" / "ck" / "adapter_model").exists()  # an interrupted run writes no final adapter
+
+    resumed = train_module.run(_cfg(root, tiny_model_dir, "cut"), resume=True)
+    whole_log, _ = _losses(root, "whole")
+    cut_log, events = _losses(root, "cut")
+    assert events == [{"event": "resume", "step": 5}]
+    assert [r["step"] for r in cut_log] == list(range(1, 11))  # history kept, each step once
+    assert [r["loss"] for r in cut_log] == [r["loss"] for r in whole_log]  # bit for bit
+    a = load_file(whole.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = (root / "cut" / "logs" / "training.log").read_text()
+    assert "SIGTERM: stopped after step 5" in log and "resumed at step 5 of 10" in log  # appended, not replaced
+
+
+def _interrupted(root, model_dir, monkeypatch, name="cut"):
+    import llm_finetune.train as train_module
+
+    build = train_module.build_trainer
+
+    def build_with_signal(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(_SignalAt(3))
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", build_with_signal)
+    with pytest.raises(TrainingInterrupted):
+        train_module.run(_cfg(root, model_dir, name))
+    monkeypatch.setattr(train_module, "build_trainer", build)
+
+
+def test_a_cut_checkpoint_is_skipped_and_a_changed_config_refuses(data, tiny_model_dir, monkeypatch):
+    from llm_finetune.resume import latest_checkpoint
+    from llm_finetune.train import run
+
+    root = data
+    _interrupted(root, tiny_model_dir, monkeypatch)
+    good = root / "cut" / "ck" / "checkpoint-3"
+    cut = root / "cut" / "ck" / "checkpoint-4"  # a newer checkpoint whose weights were cut short mid-write
+    cut.mkdir()
+    for f in good.iterdir():
+        (cut / f.name).write_bytes(f.read_bytes())
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    folder, skipped = latest_checkpoint(root / "cut" / "ck")
+    assert folder == good and len(skipped) == 1 and "cut short" in skipped[0]
+
+    with pytest.raises(ConfigError, match=r"(?s)train.learning_rate: 0.005 -> 0.001.*--allow-changed"):
+        run(_cfg(root, tiny_model_dir, "cut", "train.learning_rate=1e-3"), resume=True)
+    result = run(_cfg(root, tiny_model_dir, "cut", "train.learning_rate=1e-3"), resume=True, allow_changed=True)
+    assert result.adapter_dir.is_dir()
+    assert "resumed with a change (--allow-changed): train.learning_rate" in \
+        (root / "cut" / "logs" / "training.log").read_text()
+
+
+def test_resume_without_a_checkpoint_says_so(data, tiny_model_dir):
+    from llm_finetune.train import run
+
+    with pytest.raises(ConfigError, match="--resume: no complete checkpoint in .*start a new run without --resume"):
+        run(_cfg(data, tiny_model_dir, "none"), resume=True)
+    assert not (data / "none" / "logs").exists()  # refused before anything was written
