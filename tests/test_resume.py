@@ -132,3 +132,52 @@ def test_resume_without_a_checkpoint_says_so(data, tiny_model_dir):
     with pytest.raises(ConfigError, match="--resume: no complete checkpoint in .*start a new run without --resume"):
         run(_cfg(data, tiny_model_dir, "none"), resume=True)
     assert not (data / "none" / "logs").exists()  # refused before anything was written
+
+
+def test_a_nan_loss_stops_before_the_optimizer_step_naming_the_examples(data, tiny_model_dir, monkeypatch):
+    """The stock Trainer would log the NaN away and step on; here the run stops, naming the step and the
+    rows (file:line) of the batch, keeps the checkpoint already written and writes no final adapter."""
+    import llm_finetune.train as train_module
+    from llm_finetune.errors import TrainingDiverged
+
+    build = train_module.build_trainer
+
+    def build_with_nan(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        compute = trainer.compute_loss
+
+        def poisoned(model, inputs, *a, **k):
+            loss = compute(model, inputs, *a, **k)
+            return loss * float("nan") if trainer.state.global_step == 3 else loss
+
+        trainer.compute_loss = poisoned
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", build_with_nan)
+    cfg = _cfg(data, tiny_model_dir, "nan", "train.save_steps=2")
+    with pytest.raises(TrainingDiverged, match=r"step 4: the loss is nan; the batch held .*train.jsonl:\d+"):
+        train_module.run(cfg)
+    ck = data / "nan" / "ck"
+    assert (ck / "checkpoint-2").is_dir() and not (ck / "adapter_model").exists()
+    from llm_finetune.resume import checkpoint_problem
+
+    assert checkpoint_problem(ck / "checkpoint-2") is None  # the last healthy checkpoint, intact
+
+
+def test_a_non_finite_gradient_stops_before_the_optimizer_step(data, tiny_model_dir, monkeypatch):
+    import llm_finetune.train as train_module
+    from llm_finetune.errors import TrainingDiverged
+
+    build = train_module.build_trainer
+
+    def build_with_inf_grad(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g: g * float("inf") if trainer.state.global_step == 1 else g)
+                break
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", build_with_inf_grad)
+    with pytest.raises(TrainingDiverged, match=r"step 2: the gradient of .* is not finite; the batch held "):
+        train_module.run(_cfg(data, tiny_model_dir, "inf"))

@@ -49,5 +49,9 @@ class TrainingInterrupted(UserError):
     """Ctrl-C / SIGTERM stopped training after a checkpoint was written; the message says how to resume."""
 
 
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient stopped training before the optimizer step; names the step and examples."""
+
+
 class HubError(UserError, ValueError):
     """Pushing to the Hub cannot proceed."""

@@ -28,10 +28,10 @@ from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, Train
 
 from .attention import use_padding_free_attention
 from .config import RunConfig
-from .data.collate import PaddingCollator, PaddingFreeCollator
+from .data.collate import EXAMPLE_KEY, PaddingCollator, PaddingFreeCollator
 from .data.prepare import PreparedData
 from .data.tokenize import IGNORE_INDEX
-from .errors import MethodError
+from .errors import MethodError, TrainingDiverged
 from .evaluation.score import eval_loss
 from .manifest import write_json
 from .methods import METHODS, OPTIMIZERS
@@ -143,6 +143,29 @@ class FinetuneTrainer(Trainer):
             return super()._track_num_input_tokens(inputs)
         tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.example_sources: list[str] = []  # set by build_trainer: file:line of each training example
+        self.step_examples: list[int] = []  # the examples of the optimizer step in progress
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The stock step, stopped before the optimizer step when the loss is not finite (the stock Trainer
+        only hides it in its logs), naming the step and the batch's examples."""
+        examples = inputs.pop(EXAMPLE_KEY, None)
+        if examples is not None:
+            self.step_examples += examples.tolist()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise TrainingDiverged(f"step {self.state.global_step + 1}: the loss is {float(loss)}; "
+                                   + self.named_examples())
+        return loss
+
+    def named_examples(self) -> str:
+        names = [self.example_sources[i] if i < len(self.example_sources) else f"#{i}" for i in self.step_examples]
+        return (f"the batch held {', '.join(names[:16])}{' ...' if len(names) > 16 else ''}. Training stopped "
+                "before the optimizer step; checkpoints already written are kept. Check these rows, or lower "
+                "train.learning_rate / set train.max_grad_norm")
 
     # Set by build_trainer: the output head runs only where a token is trained (methods that do not
     # change the sequence or add their own loss term: the LoRA family, IA3, full).
@@ -298,6 +321,23 @@ class MetricsLogger(TrainerCallback):
         self.log.info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(shown))
 
 
+class NonFiniteGradientGuard(TrainerCallback):
+    """Stops before the optimizer step when a gradient is NaN or inf (after the step's last micro-batch)."""
+
+    def __init__(self, trainer: FinetuneTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad = [n for n, p in (model or self.trainer.model).named_parameters()
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            raise TrainingDiverged(f"step {state.global_step + 1}: the gradient of {bad[0]} (and {len(bad) - 1} "
+                                   f"other tensor(s)) is not finite; " + self.trainer.named_examples())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.step_examples = []
+
+
 class AdaLoraRankAllocator(TrainerCallback):
     """AdaLoRA's update_and_allocate needs the gradients (importance = |w * grad|) and must run after
     the optimizer step and before zero_grad: Trainer's on_optimizer_step is exactly that point."""
@@ -332,7 +372,7 @@ def training_callbacks(cfg: RunConfig, model, logs_dir: Path, resuming: bool = F
 
 def _dataset(rows) -> Dataset:
     return Dataset.from_dict({"input_ids": [e.input_ids for e in rows], "labels": [e.labels for e in rows],
-                              "length": [len(e.input_ids) for e in rows]})
+                              "length": [len(e.input_ids) for e in rows], "example": list(range(len(rows)))})
 
 
 def build_trainer(cfg: RunConfig, model, tokenizer, data: PreparedData, steps: int, learning_rate: float,
@@ -354,6 +394,8 @@ def build_trainer(cfg: RunConfig, model, tokenizer, data: PreparedData, steps: i
         callbacks=training_callbacks(cfg, model, logs_dir, resuming) + list(extra_callbacks or []),
     )
     trainer.logits_where_trained = METHODS[cfg.method.name].family in ("lora", "ia3", "full")
+    trainer.example_sources = [e.source for e in data.train]
+    trainer.add_callback(NonFiniteGradientGuard(trainer))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
     return trainer

@@ -31,7 +31,7 @@ class PaddingCollator:
             input_ids[i, :k] = torch.as_tensor(f["input_ids"])
             labels[i, :k] = torch.as_tensor(f["labels"])
             attention[i, :k] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, **_examples(features)}
 
 
 @dataclass
@@ -60,4 +60,16 @@ class PaddingFreeCollator:
             "labels": torch.tensor(labels, dtype=torch.long)[None],
             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
             "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest,
+            **_examples(features),
         }
+
+
+EXAMPLE_KEY = "example_index"
+
+
+def _examples(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Which training examples the batch holds (the trainer takes it out before the forward pass, to
+    name them when a step goes wrong)."""
+    if "example" not in features[0]:
+        return {}
+    return {EXAMPLE_KEY: torch.tensor([f["example"] for f in features])}
