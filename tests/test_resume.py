@@ -181,3 +181,40 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step(data, tiny_model_
     monkeypatch.setattr(train_module, "build_trainer", build_with_inf_grad)
     with pytest.raises(TrainingDiverged, match=r"step 2: the gradient of .* is not finite; the batch held "):
         train_module.run(_cfg(data, tiny_model_dir, "inf"))
+
+
+def test_an_unfinished_run_is_never_silently_restarted(data, tiny_model_dir, monkeypatch):
+    from llm_finetune.train import run
+
+    _interrupted(data, tiny_model_dir, monkeypatch)
+    ck = data / "cut" / "ck"
+    with pytest.raises(ConfigError, match=r"holds an unfinished run \(checkpoint-3 and no final adapter_model\): "
+                                          r"continue it with --resume, or start over with --overwrite"):
+        run(_cfg(data, tiny_model_dir, "cut"))
+    assert (ck / "checkpoint-3").is_dir()  # untouched
+    result = run(_cfg(data, tiny_model_dir, "cut"), overwrite=True)
+    assert result.adapter_dir.is_dir() and not (ck / "checkpoint-3").exists()
+    run(_cfg(data, tiny_model_dir, "cut"))  # a finished run is replaced as output.overwrite says (default: yes)
+
+
+def test_a_second_run_into_the_same_folder_refuses_and_a_killed_one_leaves_no_lock(data, tiny_model_dir):
+    import subprocess
+    import sys
+    import time
+
+    from llm_finetune.train import run
+
+    ck = data / "busy" / "ck"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, 'src'); from llm_finetune.resume import RunLock; "
+        f"lock = RunLock({str(ck)!r}).acquire(); print('locked', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True, cwd=str(__import__('conftest').ROOT))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"another run \(pid {holder.pid} on .*\) is training into this folder"):
+            run(_cfg(data, tiny_model_dir, "busy"))
+    finally:
+        holder.kill()  # kill -9: the run that held the lock is gone without cleaning up
+        holder.wait()
+    time.sleep(0.1)
+    assert run(_cfg(data, tiny_model_dir, "busy")).adapter_dir.is_dir()  # the lock was not left stuck

@@ -19,6 +19,7 @@ RUN_MANIFEST = "run_manifest.json"
 RUN_CONFIG = "run_config.json"
 MERGE_RECORD = "llm_finetune_merge.json"  # written by `merge` into the merged folder
 SOURCE_RECORD = "llm_finetune_source.json"  # written when the default model is converted from its GGUF
+RUN_LOCK = ".llm_finetune.lock"  # in output.dir while a run trains into it
 RUN_IDENTITY = "llm_finetune_run.json"  # in each training checkpoint: resolved config + data fingerprints
 # Weight files in Python's pickle format: loading one can run any code it holds.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

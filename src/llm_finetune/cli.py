@@ -45,7 +45,8 @@ def cmd_train(args) -> int:
     with library_output_to_log(quiet_errors=_user_errors()):
         from .train import run
 
-        result = run(cfg, resume=getattr(args, "resume", None), allow_changed=getattr(args, "allow_changed", False))
+        result = run(cfg, resume=getattr(args, "resume", None), allow_changed=getattr(args, "allow_changed", False),
+                     overwrite=getattr(args, "overwrite", False))
     if result.report:
         from .evaluation.score import format_table
 
@@ -279,6 +280,8 @@ def _train_args(p):
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue an interrupted run from the newest complete checkpoint in output.dir "
                         "(or from CHECKPOINT); logs and metrics are appended")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output.dir that holds an unfinished run (its checkpoints are removed)")
     p.add_argument("--allow-changed", action="store_true",
                    help="with --resume: continue although the config or the data changed (each change is logged)")
     p.add_argument("--throughput", type=float, metavar="TOKENS_PER_S",

@@ -14,15 +14,19 @@ folder (`resume_from_checkpoint`); what it lacks is added here:
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 import signal
+import socket
 import struct
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from .artifacts import RUN_IDENTITY, read_json
+from .artifacts import RUN_IDENTITY, RUN_LOCK, read_json
 from .errors import ConfigError
 from .manifest import write_json
 
@@ -122,6 +126,69 @@ def resume_point(out_dir: Path, resume: str | bool, identity: dict, allow_change
                               + "\nresume with the config and data it was trained with, or pass --allow-changed")
         notes += [f"resumed with a change (--allow-changed): {c}" for c in changed]
     return folder, notes
+
+
+def unfinished_run(out_dir: Path, adapter_name: str) -> str | None:
+    """Why out_dir holds an unfinished run (checkpoints newer than its final adapter, or no adapter), or None."""
+    found = checkpoints(out_dir)
+    if not found:
+        return None
+    final = Path(out_dir) / adapter_name
+    if not final.exists():
+        return f"{found[0].name} and no final {adapter_name}"
+    if found[0].stat().st_mtime > final.stat().st_mtime:
+        return f"{found[0].name} is newer than its final {adapter_name}"
+    return None
+
+
+def check_fresh_start(out_dir: Path, adapter_name: str, overwrite: bool) -> list[Path]:
+    """A new run into a folder with an unfinished one refuses (ConfigError) unless `overwrite`; returns the
+    old checkpoints to remove once the folder is locked."""
+    why = unfinished_run(out_dir, adapter_name)
+    if why is None:
+        return []
+    if not overwrite:
+        raise ConfigError(f"output.dir {out_dir} holds an unfinished run ({why}): continue it with --resume, or "
+                          "start over with --overwrite (its checkpoints are removed)")
+    return checkpoints(out_dir)
+
+
+def remove_checkpoints(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class RunLock:
+    """One run per output folder. An OS file lock (flock): a second run refuses, naming the holder, and a
+    run that crashed or was killed holds nothing (the OS drops its lock with the process)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / RUN_LOCK
+        self.handle = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"output.dir {self.path.parent}: another run ({holder}) is training into this folder; "
+                              "wait for it to end, or set another output.dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
 
 
 class IdentityWriter(TrainerCallback):

@@ -35,7 +35,15 @@ from .hub import describe_adapter_folder, write_adapter_card
 from .manifest import atomic_dir, package_versions, write_json, write_jsonl
 from .models import ModelSource, Precision, default_threads, load_model, load_tokenizer, resolve_source, run_precision
 from .quiet import relay_into
-from .resume import IdentityWriter, StopOnSignal, resume_point, run_identity
+from .resume import (
+    IdentityWriter,
+    RunLock,
+    StopOnSignal,
+    check_fresh_start,
+    remove_checkpoints,
+    resume_point,
+    run_identity,
+)
 from .trainer import build_trainer, mark_best_checkpoint, plan_steps
 
 log = logging.getLogger("llm_finetune")
@@ -60,6 +68,7 @@ class Setup:
     started: float = 0.0
     identity: dict[str, Any] | None = None  # resolved config + data fingerprints, written into every checkpoint
     resume_from: Path | None = None  # the checkpoint to continue from (--resume)
+    lock: RunLock | None = None  # held on output.dir from setup to the end of finish (or a failure)
 
 
 @dataclass
@@ -81,11 +90,13 @@ class RunResult:
     report: dict[str, Any] | None
 
 
-def run(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = False) -> RunResult:
+def run(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = False,
+        overwrite: bool = False) -> RunResult:
     """One fine-tuning run, as the config says. `resume`: True continues from the newest complete
     checkpoint in output.dir, a path from that checkpoint; `allow_changed` lets it continue although the
-    config or the data changed since (each change is logged)."""
-    prepared = setup(cfg, resume, allow_changed)
+    config or the data changed since (each change is logged); `overwrite` starts over in a folder that
+    holds an unfinished run (its checkpoints are removed)."""
+    prepared = setup(cfg, resume, allow_changed, overwrite)
     fitted = fit(prepared)
     return finish(prepared, fitted)
 
@@ -94,7 +105,8 @@ def run(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = 
 # Setup
 
 
-def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = False) -> Setup:
+def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = False,
+          overwrite: bool = False) -> Setup:
     started = time.time()
     threads, why = (cfg.train.num_threads, "train.num_threads") if cfg.train.num_threads else default_threads()
     torch.set_num_threads(threads)
@@ -119,16 +131,34 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
                 cfg.model.quantization), run_precision(cfg), eval_options, regression, started=started,
                 identity=run_identity(cfg, data.fingerprints))
     resume_notes: list[str] = []
+    stale: list[Path] = []
     if resume:
         run.resume_from, resume_notes = resume_point(Path(cfg.output.dir), resume, run.identity, allow_changed)
+    else:
+        stale = check_fresh_start(Path(cfg.output.dir), cfg.output.adapter_name, overwrite)
 
-    run.log_path = setup_logging(Path(cfg.output.logs_dir), append=bool(resume))
+    run.lock = RunLock(Path(cfg.output.dir)).acquire()  # the first write into the run folder
+    try:
+        remove_checkpoints(stale)
+        _log_and_load(run, bool(resume), resume_notes, method_notes, f"{threads} ({why})", packing_asked)
+    except BaseException:
+        run.lock.release()
+        raise
+    return run
+
+
+def _log_and_load(run: Setup, resuming: bool, resume_notes: list[str], method_notes: list[str], threads: str,
+                  packing_asked) -> None:
+    """setup, once the run folder is locked: open the log (appended to when resuming), say the plan,
+    load the model and wrap it for the method."""
+    cfg, source, tokenizer, data, steps = run.cfg, run.source, run.tokenizer, run.data, run.steps
+    run.log_path = setup_logging(Path(cfg.output.logs_dir), append=resuming)
     _log_plan(run, method_notes)
     for note in resume_notes:
         log.warning("resume: %s", note)
     if run.resume_from:
         log.info("resume: continuing from %s", run.resume_from)
-    log.info("threads: %d (%s)", threads, why)
+    log.info("threads: %s", threads)
 
     set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
     model = load_model(source, run.precision.load_name, run.quantization, cfg.model.trust_remote_code,
@@ -147,7 +177,6 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
     run.parameters = methods.count_parameters(run.model)
     trainable, total = run.parameters
     log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
-    return run
 
 
 def setup_logging(logs_dir: Path, append: bool = False) -> Path:
@@ -216,11 +245,17 @@ def fit(run: Setup) -> Fit:
                             extra_callbacks=[IdentityWriter(run.identity), stop])
     try:
         output = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    except BaseException:
+        if run.lock:
+            run.lock.release()  # the folder is free for --resume
+        raise
     finally:
         stop.restore()  # also when training raised: Ctrl-C is the default again
     if stop.received:
         checkpoint = Path(cfg.output.dir) / f"checkpoint-{trainer.state.global_step}"
         log.warning("%s: stopped after step %d; checkpoint %s", stop.received, trainer.state.global_step, checkpoint)
+        if run.lock:
+            run.lock.release()
         raise TrainingInterrupted(
             f"training stopped by {stop.received} after step {trainer.state.global_step} of {run.steps}; a resumable "
             f"checkpoint is in {checkpoint}. Continue with the same command plus --resume "
@@ -242,6 +277,15 @@ def fit(run: Setup) -> Fit:
 
 
 def finish(run: Setup, fitted: Fit) -> RunResult:
+    """Save, evaluate, report; the run folder's lock is released at the end, whatever happens."""
+    try:
+        return _save_and_evaluate(run, fitted)
+    finally:
+        if run.lock:
+            run.lock.release()
+
+
+def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
     cfg, data = run.cfg, run.data
     out_dir = Path(cfg.output.dir)
     manifest = _manifest(run, fitted)
