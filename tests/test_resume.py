@@ -218,3 +218,16 @@ def test_a_second_run_into_the_same_folder_refuses_and_a_killed_one_leaves_no_lo
         holder.wait()
     time.sleep(0.1)
     assert run(_cfg(data, tiny_model_dir, "busy")).adapter_dir.is_dir()  # the lock was not left stuck
+
+
+def test_the_same_config_and_seed_give_the_same_adapter(data, tiny_model_dir):
+    """Determinism on CPU (with dropout on, so the seeded RNG matters), and the seed is in the manifest."""
+    from llm_finetune.train import run
+
+    a = run(_cfg(data, tiny_model_dir, "one", "train.max_steps=4"))
+    b = run(_cfg(data, tiny_model_dir, "two", "train.max_steps=4"))
+    assert a.manifest["training"]["seed"] == 3
+    wa = load_file(a.adapter_dir / "adapter_model.safetensors")
+    wb = load_file(b.adapter_dir / "adapter_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["loss"] for r in _losses(data, "one")[0]] == [r["loss"] for r in _losses(data, "two")[0]]

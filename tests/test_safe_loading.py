@@ -91,3 +91,21 @@ def test_allow_pickle_is_a_config_key_off_by_default(tiny_model_dir):
     assert cfg.model.allow_pickle is False
     assert load_config(None, ["model.allow_pickle=true"]).model.allow_pickle is True
     assert json.dumps(cfg.to_dict()["model"]["allow_pickle"]) == "false"
+
+
+def test_a_hub_token_in_the_environment_is_written_nowhere(tmp_path, tiny_model_dir, monkeypatch):
+    """Every file a run writes (log, metrics, manifest, config, model card, report) is free of the token."""
+    from llm_finetune.train import run
+
+    secret = "hf_NeverWriteMe0123456789abcdef"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", secret)
+    write_jsonl(tmp_path / "train.jsonl", extraction_rows(8))
+    write_jsonl(tmp_path / "eval.jsonl", extraction_rows(4, offset=50))
+    run(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_file={tmp_path / 'train.jsonl'}",
+                           f"data.eval_file={tmp_path / 'eval.jsonl'}", "train.max_steps=2", "eval.max_new_tokens=4",
+                           f"output.dir={tmp_path / 'ck'}", f"output.logs_dir={tmp_path / 'logs'}"]))
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 10
+    leaked = [str(p) for p in written if secret.encode() in p.read_bytes()]
+    assert leaked == []
