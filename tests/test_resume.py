@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +232,32 @@ def test_the_same_config_and_seed_give_the_same_adapter(data, tiny_model_dir):
     wb = load_file(b.adapter_dir / "adapter_model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [r["loss"] for r in _losses(data, "one")[0]] == [r["loss"] for r in _losses(data, "two")[0]]
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_was_needed(data, tiny_model_dir, monkeypatch):
+    """ENOSPC while the second checkpoint is written (after its weights, while the optimizer state is saved):
+    the run stops with the space needed and free, the half-written checkpoint is removed, the first one is
+    intact and the run resumes from it."""
+    import errno
+
+    from llm_finetune.errors import DiskFull
+    from llm_finetune.resume import checkpoint_problem
+    from llm_finetune.train import run
+    from llm_finetune.trainer import FinetuneTrainer
+
+    save = FinetuneTrainer._save_optimizer_and_scheduler
+
+    def full_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            (Path(output_dir) / "optimizer.pt").write_bytes(b"\0" * 100)  # what got written before the disk filled
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, output_dir)
+
+    monkeypatch.setattr(FinetuneTrainer, "_save_optimizer_and_scheduler", full_at_step_4)
+    with pytest.raises(DiskFull, match=r"needs about [\d.]+ MB \(the size of checkpoint-2\), [\d.]+ MB are free.*"
+                                       r"checkpoint-2 is intact"):
+        run(_cfg(data, tiny_model_dir, "full", "train.save_steps=2"))
+    ck = data / "full" / "ck"
+    assert not (ck / "checkpoint-4").exists() and checkpoint_problem(ck / "checkpoint-2") is None
+    monkeypatch.setattr(FinetuneTrainer, "_save_optimizer_and_scheduler", save)
+    assert run(_cfg(data, tiny_model_dir, "full", "train.save_steps=2"), resume=True).adapter_dir.is_dir()

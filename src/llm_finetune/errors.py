@@ -53,5 +53,9 @@ class TrainingDiverged(UserError):
     """A non-finite loss or gradient stopped training before the optimizer step; names the step and examples."""
 
 
+class DiskFull(UserError):
+    """A checkpoint could not be written for lack of space; the previous one is intact."""
+
+
 class HubError(UserError, ValueError):
     """Pushing to the Hub cannot proceed."""

@@ -14,6 +14,7 @@ folder (`resume_from_checkpoint`); what it lacks is added here:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .artifacts import RUN_IDENTITY, RUN_LOCK, read_json
-from .errors import ConfigError
+from .errors import ConfigError, DiskFull
 from .manifest import write_json
 
 # Keys that may change between a run and its resume without changing what is trained.
@@ -156,6 +157,27 @@ def check_fresh_start(out_dir: Path, adapter_name: str, overwrite: bool) -> list
 def remove_checkpoints(folders: list[Path]) -> None:
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def disk_full(error: BaseException, out_dir: Path) -> DiskFull | None:
+    """For a save that failed for lack of space: remove the checkpoint it left half-written (never a
+    complete one) and say how much space a checkpoint needs and how much is free. None for other errors."""
+    if not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
+        return None
+    partial = [c for c in checkpoints(out_dir) if checkpoint_problem(c)]
+    for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+    complete = [c for c in checkpoints(out_dir) if c not in partial]
+    needed = f"about {_size(complete[0]) / 1e6:.1f} MB (the size of {complete[0].name})" if complete else \
+        "the size of the adapter, its optimizer state and the trainer state"
+    free = shutil.disk_usage(out_dir).free / 1e6
+    kept = f"; {complete[0].name} is intact (resume from it with --resume once there is room)" if complete else ""
+    return DiskFull(f"no space left on the device of {out_dir} while writing a checkpoint: it needs {needed}, "
+                    f"{free:.1f} MB are free. The half-written checkpoint was removed{kept}.")
 
 
 class RunLock:

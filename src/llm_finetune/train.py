@@ -40,6 +40,7 @@ from .resume import (
     RunLock,
     StopOnSignal,
     check_fresh_start,
+    disk_full,
     remove_checkpoints,
     resume_point,
     run_identity,
@@ -245,9 +246,12 @@ def fit(run: Setup) -> Fit:
                             extra_callbacks=[IdentityWriter(run.identity), stop])
     try:
         output = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-    except BaseException:
+    except BaseException as e:
         if run.lock:
             run.lock.release()  # the folder is free for --resume
+        full = disk_full(e, Path(cfg.output.dir))
+        if full:
+            raise full from None
         raise
     finally:
         stop.restore()  # also when training raised: Ctrl-C is the default again
