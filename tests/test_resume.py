@@ -52,23 +52,38 @@ def data(tmp_path):
     return tmp_path
 
 
+def _patch_trainer(monkeypatch, change):
+    """Every trainer the recipe builds gets `change(trainer)`: a fault injected from outside the product.
+    Returns the function that puts the recipe back."""
+    import llm_finetune.train as train_module
+
+    build = train_module.build_trainer
+
+    def build_changed(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        change(trainer)
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", build_changed)
+    return lambda: monkeypatch.setattr(train_module, "build_trainer", build)
+
+
+def _interrupted(root, model_dir, monkeypatch, name="cut", step=3, match=None):
+    """A run of `name` stopped by SIGTERM during optimizer step `step`."""
+    from llm_finetune.train import run
+
+    restore = _patch_trainer(monkeypatch, lambda trainer: trainer.add_callback(_SignalAt(step)))
+    with pytest.raises(TrainingInterrupted, match=match):
+        run(_cfg(root, model_dir, name))
+    restore()
+
+
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(data, tiny_model_dir, monkeypatch):
     import llm_finetune.train as train_module
 
     root = data
     whole = train_module.run(_cfg(root, tiny_model_dir, "whole"))
-
-    build = train_module.build_trainer
-
-    def build_with_signal(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.add_callback(_SignalAt(5))
-        return trainer
-
-    monkeypatch.setattr(train_module, "build_trainer", build_with_signal)
-    with pytest.raises(TrainingInterrupted, match=r"SIGTERM after step 5 of 10.*checkpoint-5.*--resume"):
-        train_module.run(_cfg(root, tiny_model_dir, "cut"))
-    monkeypatch.setattr(train_module, "build_trainer", build)
+    _interrupted(root, tiny_model_dir, monkeypatch, step=5, match=r"SIGTERM after step 5 of 10.*checkpoint-5.*--resume")
     assert (root / "cut" / "ck" / "checkpoint-5").is_dir()
     assert not (root / "cut" / "ck" / "adapter_model").exists()  # an interrupted run writes no final adapter
 
@@ -85,22 +100,6 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(data, tiny_model_d
         assert torch.equal(a[key], b[key]), key
     log = (root / "cut" / "logs" / "training.log").read_text()
     assert "SIGTERM: stopped after step 5" in log and "resumed at step 5 of 10" in log  # appended, not replaced
-
-
-def _interrupted(root, model_dir, monkeypatch, name="cut"):
-    import llm_finetune.train as train_module
-
-    build = train_module.build_trainer
-
-    def build_with_signal(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.add_callback(_SignalAt(3))
-        return trainer
-
-    monkeypatch.setattr(train_module, "build_trainer", build_with_signal)
-    with pytest.raises(TrainingInterrupted):
-        train_module.run(_cfg(root, model_dir, name))
-    monkeypatch.setattr(train_module, "build_trainer", build)
 
 
 def test_a_cut_checkpoint_is_skipped_and_a_changed_config_refuses(data, tiny_model_dir, monkeypatch):
@@ -141,10 +140,7 @@ def test_a_nan_loss_stops_before_the_optimizer_step_naming_the_examples(data, ti
     import llm_finetune.train as train_module
     from llm_finetune.errors import TrainingDiverged
 
-    build = train_module.build_trainer
-
-    def build_with_nan(*args, **kwargs):
-        trainer = build(*args, **kwargs)
+    def poison_step_4(trainer):
         compute = trainer.compute_loss
 
         def poisoned(model, inputs, *a, **k):
@@ -152,9 +148,8 @@ def test_a_nan_loss_stops_before_the_optimizer_step_naming_the_examples(data, ti
             return loss * float("nan") if trainer.state.global_step == 3 else loss
 
         trainer.compute_loss = poisoned
-        return trainer
 
-    monkeypatch.setattr(train_module, "build_trainer", build_with_nan)
+    _patch_trainer(monkeypatch, poison_step_4)
     cfg = _cfg(data, tiny_model_dir, "nan", "train.save_steps=2")
     with pytest.raises(TrainingDiverged, match=r"step 4: the loss is nan; the batch held .*train.jsonl:\d+"):
         train_module.run(cfg)
@@ -169,17 +164,11 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step(data, tiny_model_
     import llm_finetune.train as train_module
     from llm_finetune.errors import TrainingDiverged
 
-    build = train_module.build_trainer
+    def inf_gradient_at_step_2(trainer):
+        first = next(p for p in trainer.model.parameters() if p.requires_grad)
+        first.register_hook(lambda g: g * float("inf") if trainer.state.global_step == 1 else g)
 
-    def build_with_inf_grad(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        for name, p in trainer.model.named_parameters():
-            if p.requires_grad:
-                p.register_hook(lambda g: g * float("inf") if trainer.state.global_step == 1 else g)
-                break
-        return trainer
-
-    monkeypatch.setattr(train_module, "build_trainer", build_with_inf_grad)
+    _patch_trainer(monkeypatch, inf_gradient_at_step_2)
     with pytest.raises(TrainingDiverged, match=r"step 2: the gradient of .* is not finite; the batch held "):
         train_module.run(_cfg(data, tiny_model_dir, "inf"))
 

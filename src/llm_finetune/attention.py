@@ -92,6 +92,8 @@ def use_padding_free_attention(model) -> str | None:
     register()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a PeftModel
     name = type(inner).__name__
+    if isinstance(inner, PreTrainedModel) and inner.config._attn_implementation == IMPLEMENTATION:
+        return None  # switched and checked already (setup switches it; build_trainer only makes sure)
     if not isinstance(inner, PreTrainedModel) or not type(inner)._can_set_attn_implementation():
         return f"{name} does not take an attention function (transformers' AttentionInterface)"
     before = inner.config._attn_implementation

@@ -324,8 +324,8 @@ def load_model(source: ModelSource | str, dtype: str = "auto", quantization: str
 
     path = source.load_path if isinstance(source, ModelSource) else source
     kwargs = {"dtype": pick_dtype(dtype), "trust_remote_code": trust_remote_code}
+    refuse_pickle(path, "model", allow_pickle)  # a local folder: say which file, before loading
     if not allow_pickle:
-        refuse_pickle(path, "model", allow_pickle)  # a local folder: say which file, before loading
         kwargs["use_safetensors"] = True  # a Hub id: transformers refuses pickle-only repositories
     if revision and isinstance(source, ModelSource) and source.kind == "hub":
         kwargs["revision"] = revision

@@ -81,14 +81,9 @@ def run_identity(cfg, fingerprints: dict[str, Any]) -> dict[str, Any]:
     return {"config": cfg.to_dict(), "data": fingerprints}
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and prefix.count(".") < 1:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flat(config: dict) -> dict[str, Any]:
+    """{"train": {"seed": 3}} -> {"train.seed": 3}: the config's sections and keys, as the CLI names them."""
+    return {f"{section}.{key}": value for section, keys in config.items() for key, value in keys.items()}
 
 
 def identity_changes(saved: dict, current: dict) -> list[str]:

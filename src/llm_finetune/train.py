@@ -246,6 +246,14 @@ def fit(run: Setup) -> Fit:
                             extra_callbacks=[IdentityWriter(run.identity), stop])
     try:
         output = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        if stop.received:
+            checkpoint = Path(cfg.output.dir) / f"checkpoint-{trainer.state.global_step}"
+            log.warning("%s: stopped after step %d; checkpoint %s", stop.received, trainer.state.global_step,
+                        checkpoint)
+            raise TrainingInterrupted(
+                f"training stopped by {stop.received} after step {trainer.state.global_step} of {run.steps}; a "
+                f"resumable checkpoint is in {checkpoint}. Continue with the same command plus --resume "
+                f"(llm-finetune train --config <config> --resume)")
     except BaseException as e:
         if run.lock:
             run.lock.release()  # the folder is free for --resume
@@ -255,15 +263,6 @@ def fit(run: Setup) -> Fit:
         raise
     finally:
         stop.restore()  # also when training raised: Ctrl-C is the default again
-    if stop.received:
-        checkpoint = Path(cfg.output.dir) / f"checkpoint-{trainer.state.global_step}"
-        log.warning("%s: stopped after step %d; checkpoint %s", stop.received, trainer.state.global_step, checkpoint)
-        if run.lock:
-            run.lock.release()
-        raise TrainingInterrupted(
-            f"training stopped by {stop.received} after step {trainer.state.global_step} of {run.steps}; a resumable "
-            f"checkpoint is in {checkpoint}. Continue with the same command plus --resume "
-            f"(llm-finetune train --config <config> --resume)")
     fitted = Fit(trainer.model, trainer.state.global_step, output.training_loss,
                  int(trainer.state.num_input_tokens_seen), output.metrics["train_runtime"],
                  mark_best_checkpoint(trainer, Path(cfg.output.dir)))

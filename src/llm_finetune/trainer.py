@@ -120,7 +120,13 @@ def training_arguments(cfg: RunConfig, steps: int, learning_rate: float, has_eva
 
 
 class FinetuneTrainer(Trainer):
-    """`Trainer` with a token-weighted eval loss and an AdaLoRA regulariser that ignores accumulation."""
+    """`Trainer` with a token-weighted eval loss, an AdaLoRA regulariser that ignores accumulation, the head
+    only where tokens are trained, a stop on a non-finite loss, and padding-free batches counted right."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.example_sources: list[str] = []  # set by build_trainer: file:line of each training example
+        self.step_examples: list[int] = []  # the examples of the optimizer step in progress
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """The token-weighted loss the final report shows (same function, padded rows: per-example sums)."""
@@ -143,11 +149,6 @@ class FinetuneTrainer(Trainer):
             return super()._track_num_input_tokens(inputs)
         tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.example_sources: list[str] = []  # set by build_trainer: file:line of each training example
-        self.step_examples: list[int] = []  # the examples of the optimizer step in progress
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The stock step, stopped before the optimizer step when the loss is not finite (the stock Trainer
