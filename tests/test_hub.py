@@ -133,6 +133,18 @@ def test_push_without_token_or_offline_fails_clearly(adapter, hub, monkeypatch, 
     assert hub["create_commit"] == []
 
 
+def test_a_failed_upload_never_shows_the_token(adapter, hub, monkeypatch, capsys):
+    """A client error that echoes the request's Authorization header: the message keeps the cause, not the token."""
+    def rejected(self, repo_id, **kw):
+        raise RuntimeError(f"401 Unauthorized for {repo_id} (headers: Authorization: Bearer {SECRET})")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", rejected)
+    assert main(["push", str(adapter), "--repo", "me/x"]) == 2
+    captured = capsys.readouterr()
+    assert "upload to me/x failed: RuntimeError: 401 Unauthorized" in captured.err and "hf_***" in captured.err
+    assert SECRET not in captured.err + captured.out
+
+
 def test_push_bad_inputs(tmp_path, capsys):
     assert main(["push", str(tmp_path), "--repo", "me/x", "--dry-run"]) == 2
     assert "not something to push" in capsys.readouterr().err

@@ -19,12 +19,16 @@ from llm_finetune.config import load_config
 from llm_finetune.errors import ConfigError, TrainingInterrupted
 
 
-def _cfg(root, model_dir, name, *extra):
-    return load_config(None, [
-        f"model.name_or_path={model_dir}", f"data.train_file={root / 'train.jsonl'}", "data.eval_file=null",
-        "data.max_length=128", "method.dropout=0.1", "train.learning_rate=5e-3", "train.max_steps=10",
-        "train.logging_steps=1", "train.batch_size=4", "train.seed=3", f"output.dir={root / name / 'ck'}",
-        f"output.logs_dir={root / name / 'logs'}", "output.tensorboard=false", *extra])
+def _sets(root, model_dir, name, *extra, dropout=True) -> list[str]:
+    return [f"model.name_or_path={model_dir}", f"data.train_file={root / 'train.jsonl'}", "data.eval_file=null",
+            "data.max_length=128", *(["method.dropout=0.1"] if dropout else []), "train.learning_rate=5e-3",
+            "train.max_steps=10", "train.logging_steps=1", "train.batch_size=4", "train.seed=3",
+            f"output.dir={root / name / 'ck'}", f"output.logs_dir={root / name / 'logs'}", "output.tensorboard=false",
+            *extra]
+
+
+def _cfg(root, model_dir, name, *extra, dropout=True):
+    return load_config(None, _sets(root, model_dir, name, *extra, dropout=dropout))
 
 
 class _SignalAt(TrainerCallback):
@@ -250,3 +254,269 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_was_needed(data
     assert not (ck / "checkpoint-4").exists() and checkpoint_problem(ck / "checkpoint-2") is None
     monkeypatch.setattr(FinetuneTrainer, "_save_optimizer_and_scheduler", save)
     assert run(_cfg(data, tiny_model_dir, "full", "train.save_steps=2"), resume=True).adapter_dir.is_dir()
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+RESUMED_METHODS = {
+    "dora": [],
+    "adalora": ["method.adalora_init_r=6", "method.adalora_target_r=2", "method.adalora_tinit_ratio=0.2",
+                "method.adalora_tfinal_ratio=0.2"],
+    "ia3": ["train.learning_rate=2e-1"],
+    "prompt_tuning": ["method.prompt_init_text=Extract name, age and city as JSON.", "train.learning_rate=3e-1"],
+    "full": ["train.learning_rate=1e-3"],
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMED_METHODS))
+def test_resume_reproduces_every_method(name, data, tiny_model_dir, monkeypatch):
+    """Stopped at step 4 of 8 and resumed: the same per-step losses and the same final weights as the
+    uninterrupted run, bit for bit (AdaLoRA: its rank allocator's importance scores travel in the
+    checkpoint; prompt tuning: the virtual tokens; full: every weight)."""
+    import llm_finetune.train as train_module
+
+    extra = [f"method.name={name}", "train.max_steps=8", *RESUMED_METHODS[name]]
+    lora = name in ("dora", "adalora")
+    whole = train_module.run(_cfg(data, tiny_model_dir, "whole", *extra, dropout=lora))
+    restore = _patch_trainer(monkeypatch, lambda trainer: trainer.add_callback(_SignalAt(4)))
+    with pytest.raises(TrainingInterrupted):
+        train_module.run(_cfg(data, tiny_model_dir, "cut", *extra, dropout=lora))
+    restore()
+    resumed = train_module.run(_cfg(data, tiny_model_dir, "cut", *extra, dropout=lora), resume=True)
+    assert [r["loss"] for r in _losses(data, "cut")[0]] == [r["loss"] for r in _losses(data, "whole")[0]]
+    a, b = _weights(whole.adapter_dir), _weights(resumed.adapter_dir)
+    assert a and a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_checkpoints_are_renamed_into_place_the_last_k_kept_and_the_best_never_rotated_out(data, tiny_model_dir,
+                                                                                           monkeypatch):
+    """save_total_limit=2 with evaluations every 2 steps whose best comes early (step 4): the best checkpoint
+    survives every rotation, with the newest; each checkpoint was complete before it got its name."""
+    import llm_finetune.train as train_module
+    from llm_finetune.resume import checkpoint_problem
+    from llm_finetune.trainer import FinetuneTrainer
+
+    write_jsonl(data / "eval.jsonl", extraction_rows(6, offset=40))
+    losses = {2: 1.0, 4: 0.5, 6: 0.9, 8: 0.8, 10: 0.7}
+    seen_at_save = []
+
+    def scripted_evaluation(trainer):
+        def evaluate(*args, **kwargs):
+            metrics = {"eval_loss": losses[trainer.state.global_step]}
+            trainer.log(metrics)
+            return metrics
+        trainer.evaluate = evaluate
+
+    save_rng = FinetuneTrainer._save_rng_state
+
+    def watched_save(self, output_dir):  # midway through a checkpoint's write: where is it written?
+        name = f"checkpoint-{self.state.global_step}"
+        seen_at_save.append((Path(output_dir).parent.name, (Path(self.args.output_dir) / name).exists()))
+        return save_rng(self, output_dir)
+
+    _patch_trainer(monkeypatch, scripted_evaluation)
+    monkeypatch.setattr(FinetuneTrainer, "_save_rng_state", watched_save)
+    result = train_module.run(_cfg(data, tiny_model_dir, "keep", f"data.eval_file={data / 'eval.jsonl'}",
+                                   "train.eval_steps=2", "train.save_steps=2", "train.save_total_limit=2"))
+    ck = data / "keep" / "ck"
+    assert sorted(p.name for p in ck.glob("*checkpoint*")) == ["best_checkpoint.json", "checkpoint-10", "checkpoint-4"]
+    assert json.loads((ck / "best_checkpoint.json").read_text())["checkpoint"] == "checkpoint-4"
+    assert all(checkpoint_problem(c) is None for c in (ck / "checkpoint-4", ck / "checkpoint-10"))
+    assert seen_at_save == [(f".checkpoint-{n}.partial", False) for n in (2, 4, 6, 8, 10)]
+    assert not list(ck.glob(".*partial"))
+    best = load_file(ck / "checkpoint-4" / "adapter_model.safetensors")
+    final = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert all(torch.equal(best[k], final[k]) for k in best)  # train.load_best_at_end: the final adapter is the best
+
+
+def test_resume_with_evaluations_keeps_the_best_checkpoint_tracking(data, tiny_model_dir, monkeypatch):
+    """train.eval_steps with best-checkpoint tracking on: stopped and resumed, the run evaluates at the same
+    steps with the same losses, names the same best checkpoint and ends with the same adapter."""
+    import llm_finetune.train as train_module
+
+    write_jsonl(data / "eval.jsonl", extraction_rows(6, offset=40))
+    extra = [f"data.eval_file={data / 'eval.jsonl'}", "train.eval_steps=2", "train.save_steps=2",
+             "train.save_total_limit=1", "train.max_steps=8"]
+    whole = train_module.run(_cfg(data, tiny_model_dir, "whole", *extra))
+    restore = _patch_trainer(monkeypatch, lambda trainer: trainer.add_callback(_SignalAt(5)))
+    with pytest.raises(TrainingInterrupted):
+        train_module.run(_cfg(data, tiny_model_dir, "cut", *extra))
+    restore()
+    resumed = train_module.run(_cfg(data, tiny_model_dir, "cut", *extra), resume=True)
+
+    def evaluations(name):
+        rows = [json.loads(line) for line in (data / name / "logs" / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+
+    assert evaluations("cut") == evaluations("whole") and len(evaluations("whole")) == 4
+    best = [json.loads((data / n / "ck" / "best_checkpoint.json").read_text()) for n in ("whole", "cut")]
+    assert best[0]["checkpoint"] == best[1]["checkpoint"] and best[0]["eval_loss"] == best[1]["eval_loss"]
+    assert (data / "cut" / "ck" / best[1]["checkpoint"]).is_dir()
+    a, b = _weights(whole.adapter_dir), _weights(resumed.adapter_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+sys.path.insert(0, {src!r})
+from llm_finetune.trainer import FinetuneTrainer
+
+save_rng = FinetuneTrainer._save_rng_state
+
+def killed(self, output_dir):  # the weights and optimizer state of checkpoint-6 are written; then kill -9
+    if self.state.global_step == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_rng(self, output_dir)
+
+FinetuneTrainer._save_rng_state = killed
+from llm_finetune.cli import main
+sys.exit(main(["train", *[a for s in {sets!r} for a in ("--set", s)]]))
+"""
+
+
+def test_kill_9_while_a_checkpoint_is_written_then_resume_reproduces_the_run(data, tiny_model_dir):
+    """A real kill -9 (no handler runs, nothing is cleaned up) halfway through writing checkpoint-6: the
+    previous checkpoint is intact, the half-written one never got its name, and --resume continues from
+    checkpoint-3 (removing the partial one) to the same per-step losses and adapter as a run never killed."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from llm_finetune.resume import checkpoint_problem, latest_checkpoint
+    from llm_finetune.train import run
+
+    extra = ("train.save_steps=3",)
+    whole = run(_cfg(data, tiny_model_dir, "whole", *extra))
+    script = KILLED_WHILE_SAVING.format(src=str(ROOT / "src"), sets=_sets(data, tiny_model_dir, "cut", *extra))
+    killed = subprocess.run([sys.executable, "-c", script], cwd=str(data), capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ck = data / "cut" / "ck"
+    assert sorted(p.name for p in ck.iterdir() if "checkpoint" in p.name) == [".checkpoint-6.partial", "checkpoint-3"]
+    assert list((ck / ".checkpoint-6.partial").rglob("*.safetensors"))  # it was killed mid-write
+    assert checkpoint_problem(ck / "checkpoint-3") is None and latest_checkpoint(ck) == (ck / "checkpoint-3", [])
+
+    resumed = run(_cfg(data, tiny_model_dir, "cut", *extra), resume=True)
+    assert not (ck / ".checkpoint-6.partial").exists()
+    assert ".checkpoint-6.partial: a checkpoint whose write never finished" in \
+        (data / "cut" / "logs" / "training.log").read_text()
+    rows = [json.loads(line) for line in (data / "cut" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    at = rows.index({"event": "resume", "step": 3})
+    before, after = [r for r in rows[:at] if "loss" in r], [r for r in rows[at:] if "loss" in r]
+    whole_losses = [r["loss"] for r in _losses(data, "whole")[0]]
+    assert [r["step"] for r in before] == list(range(1, 7))  # what the killed run logged stays in the history
+    assert [r["loss"] for r in before] == whole_losses[:6]
+    assert [r["step"] for r in after] == list(range(4, 11)) and [r["loss"] for r in after] == whole_losses[3:]
+    a, b = _weights(whole.adapter_dir), _weights(resumed.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _spike_at(steps, factor=20.0):
+    """Every trainer gets a loss `factor` times too high at the given optimizer steps (a bad batch)."""
+    def change(trainer):
+        compute = trainer.compute_loss
+
+        def spiked(model, inputs, *a, **k):
+            loss = compute(model, inputs, *a, **k)
+            return loss * factor if trainer.state.global_step + 1 in steps else loss
+
+        trainer.compute_loss = spiked
+    return change
+
+
+def test_the_spike_guard_rolls_back_and_skips_the_spiking_batch(data, tiny_model_dir, monkeypatch):
+    """A loss 20x the recent mean at step 8: with checkpoints every 3 steps the run rolls back to checkpoint-6,
+    replays step 7 and skips step 8's batch (named in the log and metrics.jsonl); the result is bit for bit
+    the run that skipped the batch where it was (no checkpoint to roll back to), whose weights did not move
+    at step 8; without the guard the spike is applied."""
+    import llm_finetune.train as train_module
+
+    guard = ["train.spike_guard=3", "train.spike_window=4", "train.max_steps=12"]
+    moved = {}
+    _patch_trainer(monkeypatch, _spike_at({8}))
+    rolled = train_module.run(_cfg(data, tiny_model_dir, "rolled", *guard, "train.save_steps=3"))
+
+    def watch_steps(trainer):
+        _spike_at({8})(trainer)
+        before = {}
+
+        class Watch(TrainerCallback):
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
+                before.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                moved[state.global_step] = any(not torch.equal(before[n], p) for n, p in model.named_parameters()
+                                               if p.requires_grad)
+        trainer.add_callback(Watch())
+
+    _patch_trainer(monkeypatch, watch_steps)
+    in_place = train_module.run(_cfg(data, tiny_model_dir, "in_place", *guard))
+    assert moved[7] and not moved[8] and moved[9]
+    _patch_trainer(monkeypatch, _spike_at({8}))
+    unguarded = train_module.run(_cfg(data, tiny_model_dir, "unguarded", "train.max_steps=12"))
+
+    rows = [json.loads(line) for line in (data / "rolled" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    spikes = [r for r in rows if r.get("event") == "loss_spike"]
+    assert len(spikes) == 1 and spikes[0]["step"] == 8 and spikes[0]["loss"] > 3 * spikes[0]["recent_mean"]
+    assert spikes[0]["action"] == "rolled back to checkpoint-6, batch skipped"
+    assert len(spikes[0]["rows"]) == 4 and all("train.jsonl:" in r for r in spikes[0]["rows"])
+    assert rows[rows.index(spikes[0]) + 1] == {"event": "resume", "step": 6}
+    steps = [r["step"] for r in rows if "loss" in r and "event" not in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 7, 8, 9, 10, 11, 12]  # step 7 replayed after the rollback
+    log = (data / "rolled" / "logs" / "training.log").read_text()
+    assert "loss spike at step 8" in log and "rolling back to" in log
+    assert rolled.manifest["training"]["loss_spikes"][0]["step"] == 8
+    a, b, c = (_weights(r.adapter_dir) for r in (rolled, in_place, unguarded))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_the_spike_guard_stops_a_run_that_keeps_spiking(data, tiny_model_dir, monkeypatch):
+    import llm_finetune.train as train_module
+    from llm_finetune.errors import TrainingDiverged
+
+    _patch_trainer(monkeypatch, _spike_at({6, 7}))
+    with pytest.raises(TrainingDiverged, match=r"step 7: loss .*one spike more than the guard skips "
+                                               r"\(train.spike_max_skips=1; skipped: step 6\).*train.jsonl:\d+"):
+        train_module.run(_cfg(data, tiny_model_dir, "spiky", "train.spike_guard=3", "train.spike_window=4",
+                              "train.spike_max_skips=1"))
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_the_checkpoints_as_they_were(data, tiny_model_dir, monkeypatch):
+    """Ctrl-C during step 3 asks for a checkpoint after the step; a second Ctrl-C while that checkpoint is
+    being written stops at once: checkpoint-3 never appears (its partial write is removed) and checkpoint-2
+    is byte for byte what it was."""
+    import llm_finetune.train as train_module
+    from llm_finetune.trainer import FinetuneTrainer
+
+    class CtrlCAt(_SignalAt):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == self.step:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    before = {}
+    save_rng = FinetuneTrainer._save_rng_state
+
+    def second_ctrl_c_mid_save(self, output_dir):
+        if self.state.global_step == 3:
+            ck2 = Path(self.args.output_dir) / "checkpoint-2"
+            before.update({f.name: f.read_bytes() for f in ck2.iterdir()})
+            os.kill(os.getpid(), signal.SIGINT)
+        return save_rng(self, output_dir)
+
+    monkeypatch.setattr(FinetuneTrainer, "_save_rng_state", second_ctrl_c_mid_save)
+    _patch_trainer(monkeypatch, lambda trainer: trainer.add_callback(CtrlCAt(3)))
+    with pytest.raises(KeyboardInterrupt, match="SIGINT again: stopped at once"):
+        train_module.run(_cfg(data, tiny_model_dir, "twice", "train.save_steps=2"))
+    ck = data / "twice" / "ck"
+    assert sorted(p.name for p in ck.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert before and {f.name: f.read_bytes() for f in (ck / "checkpoint-2").iterdir()} == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is the default again

@@ -42,17 +42,31 @@ def _pickle_adapter(tmp_path, tiny_model_dir):
     return folder, marker
 
 
-@pytest.mark.parametrize("verb", ["generate", "merge"])
+@pytest.mark.parametrize("verb", ["generate", "merge", "export"])
 def test_a_pickle_adapter_is_refused_before_it_is_read(tmp_path, tiny_model_dir, capsys, verb):
     folder, marker = _pickle_adapter(tmp_path, tiny_model_dir)
     argv = {"generate": ["generate", "hello", "--adapter", str(folder)],
-            "merge": ["merge", str(folder), "--out", str(tmp_path / "merged")]}[verb]
+            "merge": ["merge", str(folder), "--out", str(tmp_path / "merged")],
+            "export": ["export", "--adapter", str(folder), "--out", str(tmp_path / "merged.gguf")]}[verb]
     code = main([*argv, "--model", str(tiny_model_dir)])
     err = capsys.readouterr().err
     assert code == 2
     assert "adapter_model.bin" in err and "pickle" in err and "--allow-pickle" in err
     assert not marker.exists()  # nothing was unpickled
-    assert not (tmp_path / "merged").exists()
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.gguf").exists()
+
+
+def test_exporting_a_pickle_base_is_refused_before_it_is_read(tmp_path, tiny_model_dir, capsys):
+    folder = tmp_path / "pickled_base"
+    shutil.copytree(tiny_model_dir, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"payload": _Payload(str(marker))}, folder / "pytorch_model.bin")
+    assert main(["export", "--model", str(folder), "--out", str(tmp_path / "base.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "export --model: " in err and "pytorch_model.bin: weights stored as a Python pickle" in err
+    assert "--allow-pickle" in err and not marker.exists() and not (tmp_path / "base.gguf").exists()
 
 
 def test_training_from_a_pickle_init_adapter_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):

@@ -20,6 +20,9 @@ RUN_CONFIG = "run_config.json"
 MERGE_RECORD = "llm_finetune_merge.json"  # written by `merge` into the merged folder
 SOURCE_RECORD = "llm_finetune_source.json"  # written when the default model is converted from its GGUF
 RUN_LOCK = ".llm_finetune.lock"  # in output.dir while a run trains into it
+CHECKPOINT_STAGING = ".partial"  # .checkpoint-N.partial: a checkpoint being written (never read by a resume)
+ADALORA_STATE = "adalora_allocator.safetensors"  # in each AdaLoRA checkpoint: importance scores, rank pattern
+SPIKE_GUARD_STATE = "spike_guard.json"  # in each checkpoint when train.spike_guard is on: its window, skips
 RUN_IDENTITY = "llm_finetune_run.json"  # in each training checkpoint: resolved config + data fingerprints
 # Weight files in Python's pickle format: loading one can run any code it holds.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -117,7 +120,7 @@ def refuse_pickle(folder: str | Path, role: str, allow: bool) -> None:
             "whatever code it holds, so a file from an untrusted source can take over this machine; this tool "
             "loads safetensors only. Use a safetensors copy (e.g. save_pretrained(..., safe_serialization=True) "
             "where you trust the file), or, if you trust its source, opt in: model.allow_pickle=true in the "
-            "config (train, eval) or --allow-pickle (generate, chat, predict, merge).")
+            "config (train, eval) or --allow-pickle (generate, chat, predict, merge, export).")
 
 
 def open_adapter(path: str | Path, role: str = "adapter", allow_pickle: bool = False) -> AdapterFolder:

@@ -189,7 +189,7 @@ def cmd_export(args) -> int:
         raise UserError("pass --adapter (merged into its base first) or --model (export a base model as it is)")
     result = export_gguf(args.out, adapter=args.adapter, model=args.model, qtype=args.type,
                          verify=not args.no_verify, overwrite=args.overwrite, tokenizer_pre=args.tokenizer_pre,
-                         modelfile=not args.no_modelfile)
+                         modelfile=not args.no_modelfile, allow_pickle=args.allow_pickle)
     if result.check:
         print(result.check.line())
     else:
@@ -356,6 +356,7 @@ def _export_args(p):
     p.add_argument("--no-verify", action="store_true", help="skip loading the file back and comparing logits")
     p.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _allow_pickle_arg(p)
 
 
 def _eval_args(p):

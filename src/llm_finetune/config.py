@@ -225,6 +225,15 @@ class TrainConfig:
     load_best_at_end: bool = _f(
         True, "With train.eval_steps: keep the checkpoint with the lowest eval loss, mark it "
         "(best_checkpoint.json) and save it as the final adapter.")
+    spike_guard: float | None = _f(
+        None, "Loss-spike guard: a step whose loss exceeds this many times the mean of the previous "
+        "train.spike_window steps is never applied: the run rolls back to the newest checkpoint (train.save_steps), "
+        "skips that step's batch (its rows named in the log and metrics.jsonl) and continues; before the first "
+        "checkpoint the batch is skipped where it is. null = off (e.g. 3.0 to turn it on).", min=1)
+    spike_window: int = _f(20, "Steps whose mean loss a step is compared with (train.spike_guard); the guard "
+                           "starts once this many steps are behind it.", min=2)
+    spike_max_skips: int = _f(3, "More loss spikes than this stop the run (train.spike_guard): the data or the "
+                              "learning rate needs looking at.", min=1)
 
 
 @dataclass

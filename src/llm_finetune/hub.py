@@ -285,6 +285,7 @@ def push(plan: PushPlan, private: bool = False, revision: str | None = None,
                                  revision=revision)
     except HubError:
         raise
-    except Exception as e:  # the client's own message, which never contains the token
-        raise HubError(f"upload to {plan.repo_id} failed: {type(e).__name__}: {e}") from None
+    except Exception as e:  # the client's own message, with the token masked should a request echo it
+        raise HubError(f"upload to {plan.repo_id} failed: {type(e).__name__}: {str(e).replace(token, 'hf_***')}") \
+            from None
     return getattr(info, "commit_url", None) or f"https://huggingface.co/{plan.repo_id}"

@@ -100,13 +100,20 @@ def atomic_dir(target: str | Path, overwrite: bool = True, keep_existing: bool =
         if keep_existing and target.exists():
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(src: str | Path, target: str | Path) -> None:
+    """Move the finished folder `src` to `target` in one rename (a `target` already there is moved aside
+    first and removed after): a reader sees the old folder or the new one, never part of one."""
+    src, target = Path(src), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(src, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

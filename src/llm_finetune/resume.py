@@ -9,7 +9,9 @@ folder (`resume_from_checkpoint`); what it lacks is added here:
 - each checkpoint carries the run's identity (resolved config and data fingerprints, `RunIdentity`), and
   a resume with a changed config or changed data says what changed and refuses unless allowed;
 - `StopOnSignal`: the first Ctrl-C / SIGTERM finishes the current optimizer step, saves a checkpoint and
-  stops; a second one exits at once.
+  stops; a second one exits at once;
+- `SpikeGuard` (train.spike_guard): a step whose loss jumps far above the recent mean is never applied;
+  the run rolls back to the newest checkpoint and skips that step's batch.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .artifacts import RUN_IDENTITY, RUN_LOCK, read_json
-from .errors import ConfigError, DiskFull
+from .artifacts import CHECKPOINT_STAGING, RUN_IDENTITY, RUN_LOCK, SPIKE_GUARD_STATE, read_json
+from .callbacks import CheckpointState, MetricsLogger
+from .errors import ConfigError, DiskFull, TrainingDiverged
 from .manifest import write_json
 
 # Keys that may change between a run and its resume without changing what is trained.
 _MAY_CHANGE = ("output.", "eval.", "train.logging_steps", "train.save_steps", "train.save_total_limit",
-               "train.num_threads", "train.max_steps", "model.allow_pickle")
+               "train.num_threads", "train.max_steps", "model.allow_pickle", "train.spike_")
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -63,6 +66,11 @@ def checkpoints(out_dir: Path) -> list[Path]:
     """checkpoint-N folders in out_dir, newest (highest step) first."""
     found = [p for p in Path(out_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def partial_checkpoints(out_dir: Path) -> list[Path]:
+    """Staging folders of checkpoints whose write never finished (a run killed while saving)."""
+    return sorted(p for p in Path(out_dir).glob(f".checkpoint-*{CHECKPOINT_STAGING}") if p.is_dir())
 
 
 def latest_checkpoint(out_dir: Path) -> tuple[Path | None, list[str]]:
@@ -208,17 +216,15 @@ class RunLock:
             self.handle = None
 
 
-class IdentityWriter(TrainerCallback):
-    """Writes the run identity into every checkpoint the Trainer saves."""
+class RunIdentityState(CheckpointState):
+    """Writes the run identity (resolved config, data fingerprints) into every checkpoint, for a resume to
+    compare with."""
 
     def __init__(self, identity: dict):
         self.identity = identity
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                write_json(folder / RUN_IDENTITY, self.identity)
+    def save_state(self, folder: Path) -> None:
+        write_json(folder / RUN_IDENTITY, self.identity)
 
 
 class StopOnSignal(TrainerCallback):
@@ -243,6 +249,8 @@ class StopOnSignal(TrainerCallback):
         self.previous = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.previous:  # already installed (training continues after a loss-spike rollback)
+            return
         try:
             self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not the main thread: signals cannot be caught here
@@ -255,3 +263,70 @@ class StopOnSignal(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
+
+
+class LossSpike(Exception):
+    """Raised by SpikeGuard out of Trainer.train to roll back: `fit` continues from `checkpoint`."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class SpikeGuard(CheckpointState):
+    """train.spike_guard. Before each optimizer step, the step's loss (all processes' mean) is compared with
+    the mean of the previous `window` steps; above `factor` times that, the step is a spike: its update is
+    never applied. The run rolls back to the newest checkpoint (model, optimizer, scheduler, RNG and data
+    position: an ordinary resume) and, when the replay reaches the spike's step again, drops that step's
+    gradients, so its batch is skipped; with no checkpoint yet the batch is skipped where it is. Each spike
+    is named (step, loss, mean, rows) in the log and as a "loss_spike" event in metrics.jsonl; more than
+    `max_skips` stop the run. The guard's window and skipped steps travel in checkpoints, so a resumed run
+    decides exactly as the uninterrupted one."""
+
+    def __init__(self, trainer, factor: float, window: int, max_skips: int):
+        self.trainer, self.factor, self.window, self.max_skips = trainer, factor, window, max_skips
+        logger = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsLogger))
+        self.report = lambda record: logger.event(record, trainer.is_world_process_zero())
+        self.recent: list[list] = []  # [step, loss] of the last `window` steps applied
+        self.skipped: dict[str, dict] = {}  # str(step) -> the spike's record (JSON keys are strings)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        step = state.global_step + 1
+        if str(step) in self.skipped:  # the replay reached the spike: its batch is not applied
+            self._drop_update(model)
+            return
+        loss = self.trainer.step_loss()
+        mean = sum(x for _, x in self.recent) / len(self.recent) if self.recent else 0.0
+        if len(self.recent) < self.window or loss <= self.factor * mean:
+            self.recent = (self.recent + [[step, loss]])[-self.window:]
+            return
+        rows = self.trainer.step_sources()
+        if len(self.skipped) >= self.max_skips:
+            raise TrainingDiverged(
+                f"step {step}: loss {loss:.4g} is {loss / mean:.1f}x the mean of the last {self.window} steps "
+                f"({mean:.4g}): one spike more than the guard skips (train.spike_max_skips={self.max_skips}; "
+                f"skipped: step {', '.join(self.skipped)}); {self.trainer.named_examples()}")
+        checkpoint, _ = latest_checkpoint(Path(args.output_dir))
+        record = {"event": "loss_spike", "step": step, "loss": loss, "recent_mean": mean, "rows": rows,
+                  "action": f"rolled back to {checkpoint.name}, batch skipped" if checkpoint else
+                  "no checkpoint yet: batch skipped where it is"}
+        self.skipped[str(step)] = record
+        self.report(record)
+        if checkpoint is None:
+            self._drop_update(model)
+            return
+        raise LossSpike(f"loss spike at step {step} ({loss:.4g}, {loss / mean:.1f}x the recent mean)", checkpoint)
+
+    def _drop_update(self, model) -> None:
+        """No update from this step: without gradients the optimizer leaves every weight and its state as
+        they are (the learning-rate schedule still counts the step)."""
+        for p in (model or self.trainer.model).parameters():
+            p.grad = None
+
+    def save_state(self, folder: Path) -> None:
+        write_json(folder / SPIKE_GUARD_STATE, {"recent": self.recent, "skipped": self.skipped})
+
+    def load_state(self, folder: Path) -> None:
+        saved = read_json(folder / SPIKE_GUARD_STATE) or {}
+        self.recent = saved.get("recent", [])
+        self.skipped = {**saved.get("skipped", {}), **self.skipped}  # a rollback keeps the spike it rolls back from

@@ -36,11 +36,14 @@ from .manifest import atomic_dir, package_versions, write_json, write_jsonl
 from .models import ModelSource, Precision, default_threads, load_model, load_tokenizer, resolve_source, run_precision
 from .quiet import relay_into
 from .resume import (
-    IdentityWriter,
+    LossSpike,
+    RunIdentityState,
     RunLock,
+    SpikeGuard,
     StopOnSignal,
     check_fresh_start,
     disk_full,
+    partial_checkpoints,
     remove_checkpoints,
     resume_point,
     run_identity,
@@ -82,6 +85,7 @@ class Fit:
     tokens_seen: int
     runtime_s: float
     best: dict[str, Any] | None  # the best checkpoint (train.eval_steps with load_best_at_end)
+    loss_spikes: list[dict[str, Any]]  # the steps the spike guard skipped (train.spike_guard)
 
 
 @dataclass
@@ -140,7 +144,10 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
 
     run.lock = RunLock(Path(cfg.output.dir)).acquire()  # the first write into the run folder
     try:
-        remove_checkpoints(stale)
+        partial = partial_checkpoints(Path(cfg.output.dir))
+        resume_notes += [f"{p.name}: a checkpoint whose write never finished (the run was killed while saving); "
+                         "removed" for p in partial]
+        remove_checkpoints(stale + partial)
         _log_and_load(run, bool(resume), resume_notes, method_notes, f"{threads} ({why})", packing_asked)
     except BaseException:
         run.lock.release()
@@ -243,9 +250,13 @@ def fit(run: Setup) -> Fit:
     stop = StopOnSignal()
     trainer = build_trainer(cfg, run.model, run.tokenizer, run.data, run.steps, cfg.learning_rate,
                             Path(cfg.output.logs_dir), resuming=run.resume_from is not None,
-                            extra_callbacks=[IdentityWriter(run.identity), stop])
+                            extra_callbacks=[RunIdentityState(run.identity), stop])
+    guard = SpikeGuard(trainer, cfg.train.spike_guard, cfg.train.spike_window, cfg.train.spike_max_skips) \
+        if cfg.train.spike_guard else None
+    if guard:
+        trainer.add_callback(guard)
     try:
-        output = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        output = _train_with_rollbacks(trainer, run.resume_from)
         if stop.received:
             checkpoint = Path(cfg.output.dir) / f"checkpoint-{trainer.state.global_step}"
             log.warning("%s: stopped after step %d; checkpoint %s", stop.received, trainer.state.global_step,
@@ -265,7 +276,7 @@ def fit(run: Setup) -> Fit:
         stop.restore()  # also when training raised: Ctrl-C is the default again
     fitted = Fit(trainer.model, trainer.state.global_step, output.training_loss,
                  int(trainer.state.num_input_tokens_seen), output.metrics["train_runtime"],
-                 mark_best_checkpoint(trainer, Path(cfg.output.dir)))
+                 mark_best_checkpoint(trainer, Path(cfg.output.dir)), list(guard.skipped.values()) if guard else [])
     log.info("training done: %d steps, final loss %.4f, %d tokens seen, %.0f s", fitted.steps, fitted.final_loss,
              fitted.tokens_seen, fitted.runtime_s)
     if fitted.best:
@@ -273,6 +284,17 @@ def fit(run: Setup) -> Fit:
         log.info("best checkpoint: %s (step %s, eval loss %.4f)%s", best["checkpoint"], best["step"],
                  best["eval_loss"], "; it is the final adapter" if best["final_adapter_is_best"] else "")
     return fitted
+
+
+def _train_with_rollbacks(trainer, resume_from: Path | None):
+    """trainer.train; after a loss spike (train.spike_guard) it continues from the checkpoint the guard
+    rolls back to, and the guard skips the spike's batch when the replay reaches it."""
+    while True:
+        try:
+            return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except LossSpike as spike:
+            log.warning("%s: rolling back to %s", spike, spike.checkpoint)
+            resume_from = spike.checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +364,7 @@ def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:
         "training": {"steps": fitted.steps, "learning_rate": cfg.learning_rate, "seed": cfg.train.seed,
                      "tokens_seen": fitted.tokens_seen, "final_loss": fitted.final_loss,
                      "trainable_parameters": trainable, "total_parameters": total,
-                     "train_runtime_s": fitted.runtime_s},
+                     "train_runtime_s": fitted.runtime_s, "loss_spikes": fitted.loss_spikes},
         "wall_time_s": round(time.time() - run.started, 1),
         "versions": package_versions(),
         "evaluation": None,  # filled in once the saved adapter is evaluated

@@ -1,39 +1,44 @@
-"""The training loop's parts: how many steps, the TrainingArguments, the one Trainer subclass, callbacks.
+"""The training loop's parts: how many steps, the TrainingArguments, the one Trainer subclass.
 
 `build_trainer` is what the recipe (train.py) calls; everything here is the stock transformers
 `Trainer` plus what it lacks for this tool:
 - the in-training eval loss is token-weighted, the same quantity the final report shows (the stock
   one is a mean of per-batch means, so a batch of short answers counts as much as one of long ones);
 - AdaLoRA's orthogonality regulariser weighs the same whatever the gradient accumulation;
-- a progress bar with loss and tokens/s, every log event as a JSON line in metrics.jsonl,
-  TensorBoard, early stopping, AdaLoRA's rank allocation, and the best checkpoint named on disk.
+- a non-finite loss stops the run before the optimizer step, naming the batch's rows;
+- a checkpoint appears under its name only once complete (written aside, renamed into place), with the
+  state of the callbacks that keep some (callbacks.CheckpointState);
+- the callbacks (callbacks.py): progress, metrics.jsonl, TensorBoard, early stopping, AdaLoRA's rank
+  allocation; and the best checkpoint named on disk.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
+import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 from peft.tuners.tuners_utils import BaseTunerLayer
-from tqdm.auto import tqdm
-from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .artifacts import CHECKPOINT_STAGING
 from .attention import use_padding_free_attention
+from .callbacks import CheckpointState, NonFiniteGradientGuard, ProgressBar, adalora_model, training_callbacks
 from .config import RunConfig
 from .data.collate import EXAMPLE_KEY, PaddingCollator, PaddingFreeCollator
 from .data.prepare import PreparedData
 from .data.tokenize import IGNORE_INDEX
 from .errors import MethodError, TrainingDiverged
 from .evaluation.score import eval_loss
-from .manifest import write_json
+from .manifest import publish_dir, write_json
 from .methods import METHODS, OPTIMIZERS
 from .models import run_precision
 
@@ -127,6 +132,57 @@ class FinetuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.example_sources: list[str] = []  # set by build_trainer: file:line of each training example
         self.step_examples: list[int] = []  # the examples of the optimizer step in progress
+        self.step_losses: list[torch.Tensor] = []  # its micro-batches' losses (their sum is the step's loss)
+        self._staging_run_dir: str | None = None
+
+    def _checkpoint_states(self) -> list[CheckpointState]:
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointState)]
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for state in self._checkpoint_states():
+            state.load_state(Path(resume_from_checkpoint))
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock save, written into a hidden staging folder and renamed into place once complete:
+        checkpoint-N either does not exist or is whole (a kill or a full disk mid-write leaves at most the
+        staging folder, `.checkpoint-N.partial`, which no resume reads). Then what the stock save does
+        against the run folder: point at the best checkpoint, rotate the oldest out (never the best)."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f".{name}{CHECKPOINT_STAGING}"
+        final = run_dir / name
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = str(staging)
+        try:
+            with ExitStack() as stack:
+                for state in self._checkpoint_states():
+                    stack.enter_context(state.saving())
+                super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                if self.state.best_model_checkpoint == str(staging / name):  # the step being saved is the best
+                    self.state.best_model_checkpoint = str(final)
+                    self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
+                for state in self._checkpoint_states():
+                    state.save_state(staging / name)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                publish_dir(staging / name, final)
+        finally:
+            self._staging_run_dir = None
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+        best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+        if self.state.best_global_step and best.is_dir():
+            self.state.best_model_checkpoint = str(best)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """The token-weighted loss the final report shows (same function, padded rows: per-example sums)."""
@@ -160,10 +216,25 @@ class FinetuneTrainer(Trainer):
         if not torch.isfinite(loss).all():
             raise TrainingDiverged(f"step {self.state.global_step + 1}: the loss is {float(loss)}; "
                                    + self.named_examples())
+        self.step_losses.append(loss.detach())
         return loss
 
+    def begin_step(self) -> None:
+        self.step_examples, self.step_losses = [], []
+
+    def step_loss(self) -> float:
+        """The loss of the optimizer step in progress, as logged: its micro-batches' sum, averaged over processes."""
+        total = torch.stack(self.step_losses).sum() if self.step_losses else torch.zeros((), device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="mean")
+        return float(total)
+
+    def step_sources(self) -> list[str]:
+        """file:line of each example in the optimizer step in progress."""
+        return [self.example_sources[i] if i < len(self.example_sources) else f"#{i}" for i in self.step_examples]
+
     def named_examples(self) -> str:
-        names = [self.example_sources[i] if i < len(self.example_sources) else f"#{i}" for i in self.step_examples]
+        names = self.step_sources()
         return (f"the batch held {', '.join(names[:16])}{' ...' if len(names) > 16 else ''}. Training stopped "
                 "before the optimizer step; checkpoints already written are kept. Check these rows, or lower "
                 "train.learning_rate / set train.max_grad_norm")
@@ -211,7 +282,7 @@ class FinetuneTrainer(Trainer):
         Trainer does not divide by the accumulation steps: the regulariser would count once per
         micro-batch, k times with accumulation k. Each micro-batch here carries 1/k of it instead, so
         (batch 8, accumulation 1) and (batch 2, accumulation 4) give the same loss and gradients."""
-        adalora = _adalora_model(self.accelerator.unwrap_model(model))
+        adalora = adalora_model(self.accelerator.unwrap_model(model))
         loss_is_a_share = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else
                            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
                            or self.compute_loss_func is not None)  # as Trainer.training_step decides
@@ -243,128 +314,6 @@ def _adapter_inputs_uncast(model, active: bool) -> Iterator[None]:
     finally:
         for m, flag in zip(layers, before):
             m.cast_input_dtype_enabled = flag
-
-
-def _adalora_model(model):
-    """The AdaLoraModel inside a PEFT model (it adds the regulariser and allocates ranks), else None."""
-    base = getattr(model, "base_model", None)
-    return base if type(base).__name__ == "AdaLoraModel" else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Callbacks
-
-
-class ProgressBar(TrainerCallback):
-    """step/total, ETA (tqdm), the last logged loss and the training throughput in tokens/s."""
-
-    def __init__(self):
-        self.bar = None
-        self.loss = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
-            self.start, self.start_tokens, self.start_step = time.time(), state.num_input_tokens_seen, state.global_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is None:
-            return
-        self.bar.update(state.global_step - self.bar.n)
-        elapsed = max(time.time() - self.start, 1e-9)
-        postfix = {"tok/s": f"{(state.num_input_tokens_seen - self.start_tokens) / elapsed:.0f}"}
-        if self.loss is not None:
-            postfix = {"loss": f"{self.loss:.4f}", **postfix}
-        self.bar.set_postfix(postfix, refresh=False)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.loss = logs["loss"]
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-class MetricsLogger(TrainerCallback):
-    """Every log event goes to metrics.jsonl as one JSON line, and to the readable log as text."""
-
-    def __init__(self, path: Path, logger: logging.Logger = log, append: bool = False):
-        """`append`: a resumed run keeps the history and marks where it resumed."""
-        self.path = Path(path)
-        self.log = logger
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not append or not self.path.exists():
-            self.path.write_text("")
-        self.last_time = None
-        self.last_tokens = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
-        if state.global_step and state.is_world_process_zero:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"event": "resume", "step": state.global_step}) + "\n")
-            self.log.info("resumed at step %d of %d", state.global_step, state.max_steps)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        now = time.time()
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
-        if "loss" in logs and self.last_time is not None:
-            tokens = state.num_input_tokens_seen - self.last_tokens
-            record["tokens_per_second"] = round(tokens / max(now - self.last_time, 1e-9), 1)
-            self.last_time, self.last_tokens = now, state.num_input_tokens_seen
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if k != "step"}
-        self.log.info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(shown))
-
-
-class NonFiniteGradientGuard(TrainerCallback):
-    """Stops before the optimizer step when a gradient is NaN or inf (after the step's last micro-batch)."""
-
-    def __init__(self, trainer: FinetuneTrainer):
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad = [n for n, p in (model or self.trainer.model).named_parameters()
-               if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if bad:
-            raise TrainingDiverged(f"step {state.global_step + 1}: the gradient of {bad[0]} (and {len(bad) - 1} "
-                                   f"other tensor(s)) is not finite; " + self.trainer.named_examples())
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.step_examples = []
-
-
-class AdaLoraRankAllocator(TrainerCallback):
-    """AdaLoRA's update_and_allocate needs the gradients (importance = |w * grad|) and must run after
-    the optimizer step and before zero_grad: Trainer's on_optimizer_step is exactly that point."""
-
-    def __init__(self, model):
-        self.adalora = _adalora_model(model)
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.adalora.update_and_allocate(state.global_step)
-
-
-def training_callbacks(cfg: RunConfig, model, logs_dir: Path, resuming: bool = False) -> list[TrainerCallback]:
-    """metrics.jsonl (appended to when resuming), TensorBoard under logs_dir/tensorboard, early stopping,
-    AdaLoRA's rank allocation."""
-    callbacks: list[TrainerCallback] = [MetricsLogger(Path(logs_dir) / "metrics.jsonl", append=resuming)]
-    if cfg.output.tensorboard:
-        from transformers.integrations import TensorBoardCallback  # imports tensorboard: only when asked
-
-        tb = TensorBoardCallback()
-        tb.logging_dir = str(Path(logs_dir) / "tensorboard")  # otherwise it writes under output_dir/runs
-        callbacks.append(tb)
-    if cfg.train.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
-    if _adalora_model(model) is not None:
-        callbacks.append(AdaLoraRankAllocator(model))
-    return callbacks
 
 
 # ---------------------------------------------------------------------------------------------

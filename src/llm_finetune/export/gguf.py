@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import original_gguf, read_json
+from ..artifacts import original_gguf, read_json, refuse_pickle
 from ..data.tokenize import end_of_turn_ids
 from ..errors import ExportError
 from ..manifest import atomic_file, write_text
@@ -303,7 +303,7 @@ def verify_gguf(path: Path, folder: Path, qtype: str) -> Check:
 
 def export_gguf(out: str | Path, adapter: str | None = None, model: str | None = None, qtype: str = "f16",
                 verify: bool = True, overwrite: bool = False, tokenizer_pre: str | None = None,
-                modelfile: bool = True) -> GgufResult:
+                modelfile: bool = True, allow_pickle: bool = False) -> GgufResult:
     """Merged (adapter given) or base model -> GGUF file, checked, plus an Ollama Modelfile next to it."""
     out = Path(out)
     if out.suffix != ".gguf":
@@ -313,10 +313,11 @@ def export_gguf(out: str | Path, adapter: str | None = None, model: str | None =
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.stem}.work-", dir=out.parent) as work:
         if adapter:
-            folder = merge(adapter, Path(work) / "merged", model=model).out_dir
+            folder = merge(adapter, Path(work) / "merged", model=model, allow_pickle=allow_pickle).out_dir
             finetune = Path(adapter).name
         else:
             folder = Path(resolve_source(model or "default").load_path)
+            refuse_pickle(folder, "export --model", allow_pickle)
             finetune = None
         mf_text = ollama_modelfile(load_tokenizer(str(folder)), out.name) if modelfile else None
         check = None
