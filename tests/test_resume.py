@@ -269,6 +269,7 @@ RESUMED_METHODS = {
                 "method.adalora_tfinal_ratio=0.2"],
     "ia3": ["train.learning_rate=2e-1"],
     "prompt_tuning": ["method.prompt_init_text=Extract name, age and city as JSON.", "train.learning_rate=3e-1"],
+    "prefix_tuning": ["method.num_virtual_tokens=8", "train.learning_rate=1e-1"],
     "full": ["train.learning_rate=1e-3"],
 }
 
