@@ -19,6 +19,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from .artifacts import ADALORA_STATE
 from .config import RunConfig
+from .distributed import processes
 from .errors import MethodError, TrainingDiverged
 
 log = logging.getLogger("llm_finetune")
@@ -73,9 +74,10 @@ class MetricsLogger(TrainerCallback):
         """`append`: a resumed run keeps the history and marks where it resumed."""
         self.path = Path(path)
         self.log = logger
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not append or not self.path.exists():
-            self.path.write_text("")
+        if processes().is_main:  # the other processes never write it
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not append or not self.path.exists():
+                self.path.write_text("")
         self.last_time = None
         self.last_tokens = 0
 

@@ -47,6 +47,10 @@ def cmd_train(args) -> int:
 
         result = run(cfg, resume=getattr(args, "resume", None), allow_changed=getattr(args, "allow_changed", False),
                      overwrite=getattr(args, "overwrite", False))
+    from .distributed import processes
+
+    if not processes().is_main:  # the main process prints the result once
+        return 0
     if result.report:
         from .evaluation.score import format_table
 
@@ -429,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        print(f"llm-finetune {args.command}: error: {e}", file=sys.stderr)
+        from .distributed import processes
+
+        who = processes().label  # several processes: which one failed
+        print(f"llm-finetune {args.command}: error{f' ({who})' if who else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llm-finetune {args.command}: interrupted", file=sys.stderr)

@@ -28,6 +28,7 @@ from .artifacts import RUN_CONFIG, RUN_MANIFEST
 from .attention import use_padding_free_attention
 from .config import RunConfig
 from .data.prepare import PreparedData, prepare_data
+from .distributed import main_process_first, processes, wait_for_everyone
 from .errors import DataError, MethodError, TrainingInterrupted
 from .evaluation.report import add_context, write_into_adapter, write_report
 from .evaluation.score import EvalOptions, compare_base_and_tuned, format_table, load_eval_set, options_from_config
@@ -122,7 +123,8 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
     # the eval settings and the regression set.
     source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    data = prepare_data(cfg, tokenizer)
+    with main_process_first():  # several processes: the main one tokenises into the cache, the others read it
+        data = prepare_data(cfg, tokenizer)
     if cfg.train.eval_steps and not (data.eval or data.selection):
         raise DataError(f"train.eval_steps={cfg.train.eval_steps}: no held-out row is left to evaluate on (every row "
                         "of the eval set was invalid or too long); fix the eval data or set train.eval_steps=null")
@@ -142,15 +144,19 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
     else:
         stale = check_fresh_start(Path(cfg.output.dir), cfg.output.adapter_name, overwrite)
 
-    run.lock = RunLock(Path(cfg.output.dir)).acquire()  # the first write into the run folder
+    main = processes().is_main  # several processes: only the main one writes into the run folder
+    run.lock = RunLock(Path(cfg.output.dir)).acquire() if main else None  # the first write into the run folder
     try:
         partial = partial_checkpoints(Path(cfg.output.dir))
         resume_notes += [f"{p.name}: a checkpoint whose write never finished (the run was killed while saving); "
                          "removed" for p in partial]
-        remove_checkpoints(stale + partial)
+        if main:
+            remove_checkpoints(stale + partial)
+        wait_for_everyone()
         _log_and_load(run, bool(resume), resume_notes, method_notes, f"{threads} ({why})", packing_asked)
     except BaseException:
-        run.lock.release()
+        if run.lock:
+            run.lock.release()
         raise
     return run
 
@@ -160,7 +166,7 @@ def _log_and_load(run: Setup, resuming: bool, resume_notes: list[str], method_no
     """setup, once the run folder is locked: open the log (appended to when resuming), say the plan,
     load the model and wrap it for the method."""
     cfg, source, tokenizer, data, steps = run.cfg, run.source, run.tokenizer, run.data, run.steps
-    run.log_path = setup_logging(Path(cfg.output.logs_dir), append=resuming)
+    run.log_path = setup_logging(Path(cfg.output.logs_dir), append=resuming, main=processes().is_main)
     _log_plan(run, method_notes)
     for note in resume_notes:
         log.warning("resume: %s", note)
@@ -187,15 +193,18 @@ def _log_and_load(run: Setup, resuming: bool, resume_notes: list[str], method_no
     log.info("parameters: %d trainable of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
 
-def setup_logging(logs_dir: Path, append: bool = False) -> Path:
+def setup_logging(logs_dir: Path, append: bool = False, main: bool = True) -> Path:
     """The run's readable log, logs_dir/training.log (appended to when resuming); library notices held since
-    the CLI started land in it."""
-    logs_dir.mkdir(parents=True, exist_ok=True)
+    the CLI started land in it. Written by the main process only: the others log errors alone."""
     path = logs_dir / "training.log"
     for h in list(log.handlers):
         if getattr(h, "_llm_finetune", False):
             log.removeHandler(h)
             h.close()
+    if not main:
+        log.setLevel(logging.ERROR)
+        return path
+    logs_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     handler._llm_finetune = True  # type: ignore[attr-defined]
@@ -224,7 +233,7 @@ def _log_plan(run: Setup, method_notes: list[str]) -> None:
                  "checkpoint and early stopping use them, not the eval set the report scores", len(data.selection))
     for s in (stats.skipped or [])[:20]:
         log.warning("skipped %s: %s", s.source, s.reason)
-    if data.rejects:
+    if data.rejects and processes().is_main:
         rejected_path = Path(cfg.output.logs_dir) / "rejected_rows.jsonl"
         write_jsonl(rejected_path, data.rejects)
         log.warning("data: %d row(s) not used (invalid, too long, no trained token or duplicate); each with its "
@@ -234,8 +243,10 @@ def _log_plan(run: Setup, method_notes: list[str]) -> None:
     if data.added_tokens:
         log.info("template %s: added special tokens %s (ids %s) to the tokenizer; their embedding rows are "
                  "trained and saved with the adapter", cfg.data.template, data.info["added_tokens"], data.added_tokens)
-    log.info("plan: %d steps of %d examples, learning rate %g", run.steps,
-             cfg.train.batch_size * cfg.train.gradient_accumulation_steps, cfg.learning_rate)
+    procs = processes()
+    log.info("plan: %d steps of %d examples (%d per process x %d accumulation x %d process(es)), learning rate %g",
+             run.steps, cfg.train.batch_size * cfg.train.gradient_accumulation_steps * procs.world_size,
+             cfg.train.batch_size, cfg.train.gradient_accumulation_steps, procs.world_size, cfg.learning_rate)
     log.info("precision: %s (model.dtype=%s)", run.precision.why, cfg.model.dtype)
     log.info("batches: %s", "padding-free: each batch's examples packed in one row, attention within each example "
              "(train.packing)" if cfg.packing else "right-padded rows with an attention mask (train.packing=false)")
@@ -315,6 +326,8 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
     out_dir = Path(cfg.output.dir)
     manifest = _manifest(run, fitted)
     adapter_dir = out_dir / cfg.output.adapter_name
+    if not processes().is_main:  # the main process saves, evaluates and reports; the others are done
+        return RunResult(adapter_dir, manifest, None)
     with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
         # Added tokens: only their trained rows are saved (PEFT's trainable tokens), not the whole
         # resized embedding matrix PEFT would otherwise copy; `generate` resizes the base first.
@@ -351,6 +364,7 @@ def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:
     """run_manifest.json: what was trained, on what, how, with which versions (evaluation added later)."""
     cfg, data = run.cfg, run.data
     trainable, total = run.parameters
+    procs = processes()
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "method": cfg.method.name,
@@ -361,6 +375,9 @@ def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:
         "data": {**data.fingerprints, "train": data.train_stats.to_dict(), "eval_examples": len(data.eval),
                  "shuffle_seed": cfg.data.shuffle_seed, "template_end_of_turn": data.encoder.end_of_turn,
                  **data.info},
+        "processes": {"world_size": procs.world_size, "per_device_batch": cfg.train.batch_size,
+                      "gradient_accumulation": cfg.train.gradient_accumulation_steps,
+                      "global_batch": cfg.train.batch_size * cfg.train.gradient_accumulation_steps * procs.world_size},
         "training": {"steps": fitted.steps, "learning_rate": cfg.learning_rate, "seed": cfg.train.seed,
                      "tokens_seen": fitted.tokens_seen, "final_loss": fitted.final_loss,
                      "trainable_parameters": trainable, "total_parameters": total,

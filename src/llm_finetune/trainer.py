@@ -36,6 +36,7 @@ from .config import RunConfig
 from .data.collate import EXAMPLE_KEY, PaddingCollator, PaddingFreeCollator
 from .data.prepare import PreparedData
 from .data.tokenize import IGNORE_INDEX
+from .distributed import processes
 from .errors import MethodError, TrainingDiverged
 from .evaluation.score import eval_loss
 from .manifest import publish_dir, write_json
@@ -52,9 +53,10 @@ BEST_MARKER = "best_checkpoint.json"
 
 
 def plan_steps(cfg: RunConfig, data: PreparedData) -> int:
-    """Optimizer steps for the run: max_steps, else the token budget, else epochs."""
+    """Optimizer steps for the run: max_steps, else the token budget, else epochs (an optimizer step takes
+    train.batch_size x accumulation examples on each of the run's processes)."""
     t = cfg.train
-    per_step = t.batch_size * t.gradient_accumulation_steps
+    per_step = t.batch_size * t.gradient_accumulation_steps * processes().world_size
     if t.max_steps:
         return t.max_steps
     if t.max_tokens:
@@ -106,6 +108,9 @@ def trainer_options(cfg: RunConfig, steps: int, learning_rate: float, has_eval: 
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         length_column_name="length",
         disable_tqdm=False,
+        # Several processes (DDP): every trainable weight takes part in each forward pass, so DDP need not
+        # search the graph for unused ones each step.
+        ddp_find_unused_parameters=False,
     )
     if t.eval_steps and has_eval:
         args.update(eval_strategy="steps", eval_steps=t.eval_steps, per_device_eval_batch_size=cfg.eval.batch_size)
