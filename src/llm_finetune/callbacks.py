@@ -81,18 +81,20 @@ class MetricsLogger(TrainerCallback):
         self.last_time = None
         self.last_tokens = 0
 
+    def _write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
     def on_train_begin(self, args, state, control, **kwargs):
         self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
         if state.global_step and state.is_world_process_zero:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"event": "resume", "step": state.global_step}) + "\n")
+            self._write({"event": "resume", "step": state.global_step})
             self.log.info("resumed at step %d of %d", state.global_step, state.max_steps)
 
-    def event(self, record: dict[str, Any], is_main: bool = True) -> None:
+    def event(self, record: dict[str, Any]) -> None:
         """A record that is not a log step (e.g. a loss spike): one line in metrics.jsonl, a warning in the log."""
-        if is_main:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if processes().is_main:
+            self._write(record)
             self.log.warning("%s", json.dumps(record))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -104,8 +106,7 @@ class MetricsLogger(TrainerCallback):
             tokens = state.num_input_tokens_seen - self.last_tokens
             record["tokens_per_second"] = round(tokens / max(now - self.last_time, 1e-9), 1)
             self.last_time, self.last_tokens = now, state.num_input_tokens_seen
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self._write(record)
         shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if k != "step"}
         self.log.info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(shown))
 

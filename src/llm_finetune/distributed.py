@@ -38,7 +38,7 @@ def processes() -> Processes:
     env = os.environ
     world = int(env.get("WORLD_SIZE", "1") or 1)
     return Processes(rank=int(env.get("RANK", "0") or 0), local_rank=int(env.get("LOCAL_RANK", "0") or 0),
-                     world_size=world, local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world)) or world))
+                     world_size=world, local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 def _state():

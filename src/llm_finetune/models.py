@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import SOURCE_RECORD, refuse_pickle
+from .distributed import processes
 from .errors import ModelSourceError
 from .manifest import atomic_dir, write_json
 from .methods import effective_quantization, quantization_config
@@ -209,9 +210,8 @@ def default_threads() -> tuple[int, str]:
     physical = psutil.cpu_count(logical=False) or logical
     per_core = max(1, (psutil.cpu_count(logical=True) or physical) // physical)
     cores = max(1, min(physical, logical // per_core))
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    threads = max(1, cores // processes)
-    return threads, f"{cores} physical core(s) / {processes} process(es) on this machine"
+    local = max(1, processes().local_world_size)
+    return max(1, cores // local), f"{cores} physical core(s) / {local} process(es) on this machine"
 
 
 def cpu_bf16_is_fast() -> tuple[bool, str]:

@@ -167,18 +167,16 @@ def _size(folder: Path) -> int:
 
 
 def disk_full(error: BaseException, out_dir: Path) -> DiskFull | None:
-    """For a save that failed for lack of space: remove the checkpoint it left half-written (never a
-    complete one) and say how much space a checkpoint needs and how much is free. None for other errors."""
+    """For a save that failed for lack of space (its staging folder is already removed: the checkpoint never
+    got its name): say how much space a checkpoint needs, how much is free, and which checkpoint is intact.
+    None for other errors."""
     if not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
         return None
-    partial = [c for c in checkpoints(out_dir) if checkpoint_problem(c)]
-    for folder in partial:
-        shutil.rmtree(folder, ignore_errors=True)
-    complete = [c for c in checkpoints(out_dir) if c not in partial]
-    needed = f"about {_size(complete[0]) / 1e6:.1f} MB (the size of {complete[0].name})" if complete else \
+    complete, _ = latest_checkpoint(out_dir)
+    needed = f"about {_size(complete) / 1e6:.1f} MB (the size of {complete.name})" if complete else \
         "the size of the adapter, its optimizer state and the trainer state"
     free = shutil.disk_usage(out_dir).free / 1e6
-    kept = f"; {complete[0].name} is intact (resume from it with --resume once there is room)" if complete else ""
+    kept = f"; {complete.name} is intact (resume from it with --resume once there is room)" if complete else ""
     return DiskFull(f"no space left on the device of {out_dir} while writing a checkpoint: it needs {needed}, "
                     f"{free:.1f} MB are free. The half-written checkpoint was removed{kept}.")
 
@@ -285,8 +283,7 @@ class SpikeGuard(CheckpointState):
 
     def __init__(self, trainer, factor: float, window: int, max_skips: int):
         self.trainer, self.factor, self.window, self.max_skips = trainer, factor, window, max_skips
-        logger = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsLogger))
-        self.report = lambda record: logger.event(record, trainer.is_world_process_zero())
+        self.report = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsLogger)).event
         self.recent: list[list] = []  # [step, loss] of the last `window` steps applied
         self.skipped: dict[str, dict] = {}  # str(step) -> the spike's record (JSON keys are strings)
 

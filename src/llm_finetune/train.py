@@ -49,7 +49,7 @@ from .resume import (
     resume_point,
     run_identity,
 )
-from .trainer import build_trainer, mark_best_checkpoint, plan_steps
+from .trainer import build_trainer, global_batch, mark_best_checkpoint, plan_steps
 
 log = logging.getLogger("llm_finetune")
 
@@ -243,10 +243,9 @@ def _log_plan(run: Setup, method_notes: list[str]) -> None:
     if data.added_tokens:
         log.info("template %s: added special tokens %s (ids %s) to the tokenizer; their embedding rows are "
                  "trained and saved with the adapter", cfg.data.template, data.info["added_tokens"], data.added_tokens)
-    procs = processes()
     log.info("plan: %d steps of %d examples (%d per process x %d accumulation x %d process(es)), learning rate %g",
-             run.steps, cfg.train.batch_size * cfg.train.gradient_accumulation_steps * procs.world_size,
-             cfg.train.batch_size, cfg.train.gradient_accumulation_steps, procs.world_size, cfg.learning_rate)
+             run.steps, global_batch(cfg), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
+             processes().world_size, cfg.learning_rate)
     log.info("precision: %s (model.dtype=%s)", run.precision.why, cfg.model.dtype)
     log.info("batches: %s", "padding-free: each batch's examples packed in one row, attention within each example "
              "(train.packing)" if cfg.packing else "right-padded rows with an attention mask (train.packing=false)")
@@ -364,7 +363,6 @@ def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:
     """run_manifest.json: what was trained, on what, how, with which versions (evaluation added later)."""
     cfg, data = run.cfg, run.data
     trainable, total = run.parameters
-    procs = processes()
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "method": cfg.method.name,
@@ -375,9 +373,9 @@ def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:
         "data": {**data.fingerprints, "train": data.train_stats.to_dict(), "eval_examples": len(data.eval),
                  "shuffle_seed": cfg.data.shuffle_seed, "template_end_of_turn": data.encoder.end_of_turn,
                  **data.info},
-        "processes": {"world_size": procs.world_size, "per_device_batch": cfg.train.batch_size,
+        "processes": {"world_size": processes().world_size, "per_device_batch": cfg.train.batch_size,
                       "gradient_accumulation": cfg.train.gradient_accumulation_steps,
-                      "global_batch": cfg.train.batch_size * cfg.train.gradient_accumulation_steps * procs.world_size},
+                      "global_batch": global_batch(cfg)},
         "training": {"steps": fitted.steps, "learning_rate": cfg.learning_rate, "seed": cfg.train.seed,
                      "tokens_seen": fitted.tokens_seen, "final_loss": fitted.final_loss,
                      "trainable_parameters": trainable, "total_parameters": total,

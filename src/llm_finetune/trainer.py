@@ -52,11 +52,15 @@ BEST_MARKER = "best_checkpoint.json"
 # Steps and arguments
 
 
+def global_batch(cfg: RunConfig) -> int:
+    """Examples per optimizer step: train.batch_size x accumulation on each of the run's processes."""
+    return cfg.train.batch_size * cfg.train.gradient_accumulation_steps * processes().world_size
+
+
 def plan_steps(cfg: RunConfig, data: PreparedData) -> int:
-    """Optimizer steps for the run: max_steps, else the token budget, else epochs (an optimizer step takes
-    train.batch_size x accumulation examples on each of the run's processes)."""
+    """Optimizer steps for the run: max_steps, else the token budget, else epochs."""
     t = cfg.train
-    per_step = t.batch_size * t.gradient_accumulation_steps * processes().world_size
+    per_step = global_batch(cfg)
     if t.max_steps:
         return t.max_steps
     if t.max_tokens:
