@@ -1,13 +1,17 @@
 """Several processes through the real launcher (torchrun, 2 CPU processes, gloo): one set of outputs written
-by the main process, the same model as one process with the same global batch, and gradients that do not
-depend on how the global batch is split (processes x batch x accumulation)."""
+by the main process, the same model as one process with the same global batch, gradients that do not
+depend on how the global batch is split (processes x batch x accumulation, packing and length grouping
+included), a signal or a NaN on one process stopping all of them at the same step, and resume under
+several processes and after a change of process count."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -19,11 +23,11 @@ from llm_finetune.config import load_config
 
 @pytest.fixture
 def data(tmp_path):
-    rows = extraction_rows(40)
+    rows = extraction_rows(48)  # 48: the stock grouping (by per-process batch) would group differently per split
     for i, row in enumerate(rows):
         row["output"] += " ok" * (i % 7)  # variable lengths: the token-weighted loss must not depend on the split
     write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "eval.jsonl", extraction_rows(6, offset=40))
+    write_jsonl(tmp_path / "eval.jsonl", extraction_rows(6, offset=48))
     return tmp_path
 
 
@@ -34,19 +38,31 @@ def _sets(root, model_dir, name, *extra):
             f"output.logs_dir={root / name / 'logs'}", "output.tensorboard=false", *extra]
 
 
-def _torchrun(root, model_dir, name, *extra, nproc=2):
+def _torchrun(root, model_dir, name, *extra, nproc=2, inject: str = "", ok: bool = True, args=()):
+    """`llm-finetune train` under torchrun; `inject`: Python run in every process before the command (a fault)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    script = root / f"launch_{name}.py"
+    script.write_text(f"import os, signal, sys\n{textwrap.dedent(inject)}\nfrom llm_finetune.cli import main\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "llm_finetune", "train", *[a for s in _sets(root, model_dir, name, *extra) for a in ("--set", s)]]
-    done = subprocess.run(argv, cwd=str(root), env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+            str(script), "train", *[a for s in _sets(root, model_dir, name, *extra) for a in ("--set", s)], *args]
+    # Its own process group, so that a hang (a collective one process never reaches) is killed whole.
+    launcher = subprocess.Popen(argv, cwd=str(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    try:
+        out, err = launcher.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, 9)
+        raise
+    done = subprocess.CompletedProcess(argv, launcher.returncode, out, err)
+    assert (done.returncode == 0) == ok, done.stderr[-3000:]
     return done
 
 
-def _one_process(root, model_dir, name, *extra):
+def _one_process(root, model_dir, name, *extra, resume=None):
     from llm_finetune.train import run
 
-    return run(load_config(None, _sets(root, model_dir, name, *extra)))
+    return run(load_config(None, _sets(root, model_dir, name, *extra)), resume=resume)
 
 
 def _metrics(root, name):
@@ -79,19 +95,24 @@ def test_two_processes_write_one_set_of_outputs_and_train_the_single_process_mod
         torch.testing.assert_close(wa[key], wb[key], atol=2e-5, rtol=0)
 
 
-def test_the_gradients_do_not_depend_on_how_the_global_batch_is_split(data, tiny_model_dir):
+@pytest.mark.parametrize("batches", [["train.packing=false"], ["train.packing=true", "train.group_by_length=true"]],
+                         ids=["padded", "packed_and_grouped"])
+def test_the_gradients_do_not_depend_on_how_the_global_batch_is_split(data, tiny_model_dir, batches):
     """Variable-length examples, one SGD step with learning rate 1 and no clipping, so the adapter's change is
     exactly the gradient: (batch 8, accumulation 1), (batch 1, accumulation 8) and 2 processes x (batch 2,
     accumulation 2) give the same gradients and the same logged loss (sum over supervised tokens / the
-    global batch's supervised tokens, whatever the split)."""
+    global batch's supervised tokens, whatever the split), padded or packed, in random order or grouped by
+    length (the groups follow the global batch, so each split trains the same examples)."""
     sgd = ["train.max_steps=1", "train.optimizer=sgd", "train.learning_rate=1.0", "train.max_grad_norm=0",
-           "train.warmup_ratio=0", "train.lr_scheduler=constant", "train.packing=false"]
+           "train.warmup_ratio=0", "train.lr_scheduler=constant", *batches]
     whole = _one_process(data, tiny_model_dir, "b8", *sgd, "train.batch_size=8")
     accumulated = _one_process(data, tiny_model_dir, "b1a8", *sgd, "train.batch_size=1",
                                "train.gradient_accumulation_steps=8")
     _torchrun(data, tiny_model_dir, "p2b2a2", *sgd, "train.batch_size=2", "train.gradient_accumulation_steps=2")
 
     loss = {n: [r for r in _metrics(data, n) if "loss" in r][0]["loss"] for n in ("b8", "b1a8", "p2b2a2")}
+    seen = {n: [r for r in _metrics(data, n) if "loss" in r][0]["num_input_tokens_seen"] for n in loss}
+    assert seen["b1a8"] == seen["b8"] == seen["p2b2a2"]  # the same examples in the step
     assert abs(loss["b1a8"] - loss["b8"]) <= 1e-5 * loss["b8"] and abs(loss["p2b2a2"] - loss["b8"]) <= 1e-5 * loss["b8"]
     reference = load_file(whole.adapter_dir / "adapter_model.safetensors")
     for other in (accumulated.adapter_dir, data / "p2b2a2" / "ck" / "adapter_model"):
@@ -102,3 +123,82 @@ def test_the_gradients_do_not_depend_on_how_the_global_batch_is_split(data, tiny
                 load_file(_one_process(data, tiny_model_dir, "b8_again", *sgd, "train.batch_size=8",
                                        "train.learning_rate=1e-12").adapter_dir / "adapter_model.safetensors").items())
     assert moved > 1e-3  # the step moved the adapter: the comparison above compares real gradients
+
+
+_SIGTERM_RANK_1_IN_STEP_3 = """
+    from llm_finetune.trainer import FinetuneTrainer
+    step = FinetuneTrainer.training_step
+    def training_step(self, *a, **k):
+        if os.environ["RANK"] == "1" and self.state.global_step == 2 and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` of this one process would
+        return step(self, *a, **k)
+    FinetuneTrainer.training_step = training_step
+"""
+
+
+def test_sigterm_on_one_process_stops_all_with_one_checkpoint_and_the_run_resumes_on_any_process_count(
+        data, tiny_model_dir):
+    """SIGTERM reaches rank 1 only, during step 3: both processes finish step 3, one checkpoint-3 is written and
+    both exit non-zero. The run then continues from it under 2 processes, and (another copy) under 1 process
+    with twice the accumulation: both end with the adapter of a run never interrupted."""
+    steps = ["train.max_steps=6", "train.batch_size=2", "train.save_steps=100"]
+    stopped = _torchrun(data, tiny_model_dir, "run", *steps, inject=_SIGTERM_RANK_1_IN_STEP_3, ok=False)
+    assert stopped.stderr.count("training stopped by SIGTERM") == 2, stopped.stderr[-3000:]  # each rank says so
+    assert "after step 3 of 6" in stopped.stderr
+    ck = data / "run" / "ck"
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == ["checkpoint-3"]
+    assert {p.name for p in (ck / "checkpoint-3").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    shutil.copytree(data / "run", data / "one")
+
+    _torchrun(data, tiny_model_dir, "run", *steps, args=["--resume"])
+    log = (data / "run" / "logs" / "training.log").read_text()
+    assert "resumed at step 3 of 6" in log, log[-2000:]
+    one = _one_process(data, tiny_model_dir, "one", "train.max_steps=6", "train.batch_size=2",
+                       "train.gradient_accumulation_steps=2", "train.save_steps=100", resume=True)
+    log = (data / "one" / "logs" / "training.log").read_text()
+    assert "the global batch of 4 is split differently: 2 process(es) x batch 2 x accumulation 1 -> 1 x 2 x 2" in log
+    never = _one_process(data, tiny_model_dir, "never", "train.max_steps=6", "train.batch_size=4")
+
+    reference = load_file(never.adapter_dir / "adapter_model.safetensors")
+    for folder in (ck / "adapter_model", one.adapter_dir):
+        weights = load_file(folder / "adapter_model.safetensors")
+        for key in reference:
+            torch.testing.assert_close(weights[key], reference[key], atol=2e-5, rtol=0)
+    resumed = [r for r in _metrics(data, "run") if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed, [r for r in _metrics(data, "never") if "loss" in r]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"])
+
+
+def test_a_changed_global_batch_is_refused_on_resume(data, tiny_model_dir):
+    from llm_finetune.errors import ConfigError
+
+    _torchrun(data, tiny_model_dir, "run", "train.max_steps=6", "train.batch_size=2", "train.save_steps=100",
+              inject=_SIGTERM_RANK_1_IN_STEP_3, ok=False)
+    with pytest.raises(ConfigError, match=r"global batch: 2 process\(es\) x batch 2 x accumulation 1 = 4 -> "
+                                          r"1 x 2 x 1 = 2 \(keep the global batch"):
+        _one_process(data, tiny_model_dir, "run", "train.max_steps=6", "train.batch_size=2", "train.save_steps=100",
+                     resume=True)
+
+
+def test_a_nan_on_one_process_stops_every_process_at_that_step(data, tiny_model_dir):
+    """Rank 1's loss turns NaN in step 4: every process stops before the optimizer step of step 4, each naming
+    the rank and the rows of the whole step; checkpoint-2 stays intact and no adapter is written."""
+    nan = """
+        from llm_finetune.trainer import FinetuneTrainer
+        loss = FinetuneTrainer.compute_loss
+        def compute_loss(self, *a, **k):
+            value = loss(self, *a, **k)
+            return value * float("nan") if os.environ["RANK"] == "1" and self.state.global_step == 3 else value
+        FinetuneTrainer.compute_loss = compute_loss
+    """
+    done = _torchrun(data, tiny_model_dir, "nan", "train.max_steps=6", "train.batch_size=2", "train.save_steps=2",
+                     inject=nan, ok=False)
+    assert done.stderr.count("step 4: the loss is nan on rank 1; the batch held ") == 2, done.stderr[-3000:]
+    assert done.stderr.count("train.jsonl:") >= 8  # each rank names the 4 rows of the global step
+    ck = data / "nan" / "ck"
+    from llm_finetune.resume import checkpoint_problem
+
+    assert checkpoint_problem(ck / "checkpoint-2") is None and not (ck / "checkpoint-4").exists()
+    assert not (ck / "adapter_model").exists()

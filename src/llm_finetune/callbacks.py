@@ -19,7 +19,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from .artifacts import ADALORA_STATE
 from .config import RunConfig
-from .distributed import processes
+from .distributed import gather_from_processes, max_over_processes, processes
 from .errors import MethodError, TrainingDiverged
 
 log = logging.getLogger("llm_finetune")
@@ -112,17 +112,27 @@ class MetricsLogger(TrainerCallback):
 
 
 class NonFiniteGradientGuard(TrainerCallback):
-    """Stops before the optimizer step when a gradient is NaN or inf (after the step's last micro-batch)."""
+    """Stops before the optimizer step when a micro-batch's loss or a gradient is NaN or inf (after the step's
+    last micro-batch). With several processes they decide together: a non-finite value on any one stops
+    every process at the same step, each naming the value and the rows of the whole step."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        loss = self.trainer.nonfinite_loss
         bad = [n for n, p in (model or self.trainer.model).named_parameters()
                if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if bad:
-            raise TrainingDiverged(f"step {state.global_step + 1}: the gradient of {bad[0]} (and {len(bad) - 1} "
-                                   f"other tensor(s)) is not finite; " + self.trainer.named_examples())
+        if not max_over_processes(int(loss is not None or bool(bad))):
+            return
+        reports = gather_from_processes((loss, bad[0] if bad else None, len(bad)))
+        several = processes().world_size > 1
+        on = [f" on rank {rank}" if several else "" for rank in range(len(reports))]
+        # A non-finite loss is the cause (its gradients follow, on every process once they are summed).
+        found = [f"the loss is {lo}{on[r]}" for r, (lo, _, _) in enumerate(reports) if lo is not None] or \
+                [f"the gradient of {name} (and {n - 1} other tensor(s)) is not finite{on[r]}"
+                 for r, (_, name, n) in enumerate(reports) if name]
+        raise TrainingDiverged(f"step {state.global_step + 1}: {'; '.join(found)}; " + self.trainer.named_examples())
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.begin_step()  # also after a rollback, which left a step unfinished

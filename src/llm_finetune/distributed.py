@@ -5,6 +5,9 @@ Training itself is the Trainer's DDP (through accelerate). Around it, every proc
 (the main one first, so the others read its tokenisation cache), loads the model and trains; only the
 main process takes the output folder's lock, writes logs, checkpoints, the adapter, the manifest and the
 report, and evaluates. The other processes end when training ends.
+
+Decisions that stop training are taken by all processes together (`max_over_processes`, once per optimizer
+step): a signal or a non-finite loss on any one process stops every process after the same step.
 """
 
 from __future__ import annotations
@@ -61,3 +64,26 @@ def main_process_first() -> Iterator[None]:
 def wait_for_everyone() -> None:
     if processes().world_size > 1:
         _state().wait_for_everyone()
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (each process must call it at the same point)."""
+    if processes().world_size == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=_state().device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gather_from_processes(obj) -> list:
+    """Every process's `obj` (picklable), in rank order (each process must call it at the same point)."""
+    if processes().world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list = [None] * processes().world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from transformers import TrainerCallback
 
 from .artifacts import CHECKPOINT_STAGING, RUN_IDENTITY, RUN_LOCK, SPIKE_GUARD_STATE, read_json
 from .callbacks import CheckpointState, MetricsLogger
+from .distributed import max_over_processes, processes
 from .errors import ConfigError, DiskFull, TrainingDiverged
 from .manifest import write_json
 
@@ -85,8 +87,8 @@ def latest_checkpoint(out_dir: Path) -> tuple[Path | None, list[str]]:
 
 
 def run_identity(cfg, fingerprints: dict[str, Any]) -> dict[str, Any]:
-    """What makes a run the same run: its resolved config and its data."""
-    return {"config": cfg.to_dict(), "data": fingerprints}
+    """What makes a run the same run: its resolved config, its data, and how many processes split its batch."""
+    return {"config": cfg.to_dict(), "data": fingerprints, "world_size": processes().world_size}
 
 
 def _flat(config: dict) -> dict[str, Any]:
@@ -94,16 +96,36 @@ def _flat(config: dict) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, keys in config.items() for key, value in keys.items()}
 
 
-def identity_changes(saved: dict, current: dict) -> list[str]:
-    """Human lines for every config key or data fingerprint that differs (keys that may change are ignored)."""
-    lines = []
+_SPLIT = ("train.batch_size", "train.gradient_accumulation_steps")
+
+
+def _split(flat: dict, world_size: int) -> tuple[int, int, int]:
+    return world_size, flat.get(_SPLIT[0], 1), flat.get(_SPLIT[1], 1)
+
+
+def identity_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(changes, notes): a human line for every config key or data fingerprint that differs (keys that may
+    change are ignored), and notes for what changed without changing the training. The split of the global
+    batch (processes x batch_size x accumulation) is such a note while the global batch stays the same:
+    every optimizer step trains the same examples with the same loss."""
+    lines, notes = [], []
     old, new = _flat(saved.get("config", {})), _flat(current.get("config", {}))
+    was, now = _split(old, saved.get("world_size", 1)), _split(new, current.get("world_size", 1))
+    same_global = math.prod(was) == math.prod(now)
+    if was != now and same_global:
+        notes.append("the global batch of {} is split differently: {} process(es) x batch {} x accumulation {} -> "
+                     "{} x {} x {}".format(math.prod(now), *was, *now))
     for key in sorted(set(old) | set(new)):
-        if not key.startswith(_MAY_CHANGE) and old.get(key) != new.get(key):
-            lines.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+        if key.startswith(_MAY_CHANGE) or (same_global and key in _SPLIT) or old.get(key) == new.get(key):
+            continue
+        lines.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    if not same_global:
+        lines.append("global batch: {} process(es) x batch {} x accumulation {} = {} -> {} x {} x {} = {} (keep "
+                     "the global batch: change the accumulation with the process count)"
+                     .format(*was, math.prod(was), *now, math.prod(now)))
     if saved.get("data") != current.get("data"):
         lines.append("data: the training data's fingerprint changed (a file was edited, added or removed)")
-    return lines
+    return lines, notes
 
 
 def resume_point(out_dir: Path, resume: str | bool, identity: dict, allow_changed: bool) -> tuple[Path, list[str]]:
@@ -124,7 +146,8 @@ def resume_point(out_dir: Path, resume: str | bool, identity: dict, allow_change
     if saved is None:
         notes.append(f"{folder} records no run identity (written by another tool?); config and data not compared")
     else:
-        changed = identity_changes(saved, identity)
+        changed, same_training = identity_changes(saved, identity)
+        notes += same_training
         if changed and not allow_changed:
             raise ConfigError(f"--resume {folder}: the run changed since this checkpoint:\n  " + "\n  ".join(changed)
                               + "\nresume with the config and data it was trained with, or pass --allow-changed")
@@ -229,6 +252,7 @@ class StopOnSignal(TrainerCallback):
     """First Ctrl-C / SIGTERM: finish the optimizer step, save a checkpoint, stop. Second: exit at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NAMES = {s.name for s in SIGNALS}
 
     def __init__(self):
         self.received: str | None = None
@@ -255,7 +279,11 @@ class StopOnSignal(TrainerCallback):
             self.previous = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received:
+        # Every process decides together, once per step: a signal that reached only one of them (kill of one
+        # rank) stops them all after this same step, with one checkpoint.
+        signum = max_over_processes(int(signal.Signals[self.received]) if self.received in self.NAMES else 0)
+        if signum:
+            self.received = self.received or f"{signal.Signals(signum).name} (sent to another process of the run)"
             control.should_save = True
             control.should_training_stop = True
 

@@ -33,11 +33,11 @@ from .artifacts import CHECKPOINT_STAGING
 from .attention import use_padding_free_attention
 from .callbacks import CheckpointState, NonFiniteGradientGuard, ProgressBar, adalora_model, training_callbacks
 from .config import RunConfig
-from .data.collate import EXAMPLE_KEY, PaddingCollator, PaddingFreeCollator
+from .data.collate import EXAMPLE_KEY, GlobalLengthGroupedSampler, PaddingCollator, PaddingFreeCollator
 from .data.prepare import PreparedData
 from .data.tokenize import IGNORE_INDEX
-from .distributed import processes
-from .errors import MethodError, TrainingDiverged
+from .distributed import gather_from_processes, processes
+from .errors import MethodError
 from .evaluation.score import eval_loss
 from .manifest import publish_dir, write_json
 from .methods import METHODS, OPTIMIZERS
@@ -142,6 +142,7 @@ class FinetuneTrainer(Trainer):
         self.example_sources: list[str] = []  # set by build_trainer: file:line of each training example
         self.step_examples: list[int] = []  # the examples of the optimizer step in progress
         self.step_losses: list[torch.Tensor] = []  # its micro-batches' losses (their sum is the step's loss)
+        self.nonfinite_loss: float | None = None  # the first non-finite micro-batch loss of that step
         self._staging_run_dir: str | None = None
 
     def _checkpoint_states(self) -> list[CheckpointState]:
@@ -193,6 +194,14 @@ class FinetuneTrainer(Trainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
 
+    def _get_train_sampler(self, train_dataset=None):
+        """train.group_by_length: grouped by the global batch, so any split of it trains the same examples."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        batch = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return GlobalLengthGroupedSampler(batch, dataset["length"], self.args.data_seed)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """The token-weighted loss the final report shows (same function, padded rows: per-example sums)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -216,20 +225,19 @@ class FinetuneTrainer(Trainer):
         self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The stock step, stopped before the optimizer step when the loss is not finite (the stock Trainer
-        only hides it in its logs), naming the step and the batch's examples."""
+        """The stock step; a non-finite loss is noted (the stock Trainer only hides it in its logs) and
+        stops the run before the optimizer step (callbacks.NonFiniteGradientGuard, on every process)."""
         examples = inputs.pop(EXAMPLE_KEY, None)
         if examples is not None:
             self.step_examples += examples.tolist()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise TrainingDiverged(f"step {self.state.global_step + 1}: the loss is {float(loss)}; "
-                                   + self.named_examples())
+        if not torch.isfinite(loss).all() and self.nonfinite_loss is None:
+            self.nonfinite_loss = float(loss)
         self.step_losses.append(loss.detach())
         return loss
 
     def begin_step(self) -> None:
-        self.step_examples, self.step_losses = [], []
+        self.step_examples, self.step_losses, self.nonfinite_loss = [], [], None
 
     def step_loss(self) -> float:
         """The loss of the optimizer step in progress, as logged: its micro-batches' sum, averaged over processes."""
@@ -239,8 +247,9 @@ class FinetuneTrainer(Trainer):
         return float(total)
 
     def step_sources(self) -> list[str]:
-        """file:line of each example in the optimizer step in progress."""
-        return [self.example_sources[i] if i < len(self.example_sources) else f"#{i}" for i in self.step_examples]
+        """file:line of each example in the optimizer step in progress, on every process (all call it together)."""
+        mine = [self.example_sources[i] if i < len(self.example_sources) else f"#{i}" for i in self.step_examples]
+        return [name for names in gather_from_processes(mine) for name in names]
 
     def named_examples(self) -> str:
         names = self.step_sources()

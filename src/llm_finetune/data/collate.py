@@ -1,6 +1,7 @@
-"""Batches of encoded examples: right-padded rows (labels padded with -100), or padding-free rows.
+"""Batches of encoded examples: right-padded rows (labels padded with -100), or padding-free rows; and the
+order examples are drawn in when train.group_by_length asks for batches of similar length.
 
-`train.packing` chooses which (trainer.build_trainer); the data step is the same for both.
+`train.packing` chooses the collator (trainer.build_trainer); the data step is the same for both.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from .tokenize import IGNORE_INDEX
 
@@ -73,3 +75,23 @@ def _examples(features: list[dict]) -> dict[str, torch.Tensor]:
     if "example" not in features[0]:
         return {}
     return {EXAMPLE_KEY: torch.tensor([f["example"] for f in features])}
+
+
+class GlobalLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length grouping (shuffle, sort within mega-batches of similar length), grouped by the
+    *global* batch (batch size x accumulation x processes) and seeded per epoch. The stock sampler groups by
+    the per-process batch and draws from the global random state, so 1 process and N processes with the same
+    global batch would train on different examples in a step; here the order depends only on the seed, the
+    epoch and the global batch: the launcher deals each optimizer step's consecutive examples out to the
+    processes, and a resume (whatever its process count) continues the same order."""
+
+    def __init__(self, global_batch: int, lengths: list[int], seed: int):
+        super().__init__(global_batch, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
