@@ -22,7 +22,7 @@ sys.path.insert(0, "tests")
 from conftest import build_tokenizer, build_tiny_llama, extraction_rows, write_jsonl
 from llm_finetune.config import load_config
 from llm_finetune.train import run
-from llm_finetune.plan import estimate
+from llm_finetune.dry_run import estimate
 from llm_finetune import methods
 
 root = Path(tempfile.mkdtemp(prefix="gpu-check-"))

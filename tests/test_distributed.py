@@ -55,7 +55,7 @@ def _torchrun(root, model_dir, name, *extra, nproc=2, inject: str = "", ok: bool
         os.killpg(launcher.pid, 9)
         raise
     done = subprocess.CompletedProcess(argv, launcher.returncode, out, err)
-    assert (done.returncode == 0) == ok, done.stderr[-3000:]
+    assert (done.returncode == 0) == ok, done.stderr[-int(os.environ.get("ERR_TAIL", 3000)):]
     return done
 
 
@@ -202,3 +202,146 @@ def test_a_nan_on_one_process_stops_every_process_at_that_step(data, tiny_model_
 
     assert checkpoint_problem(ck / "checkpoint-2") is None and not (ck / "checkpoint-4").exists()
     assert not (ck / "adapter_model").exists()
+
+
+def test_train_nproc_starts_the_launcher_and_ctrl_c_stops_every_process_with_one_checkpoint(data, tiny_model_dir):
+    """`llm-finetune train --nproc 2` runs torchrun itself. Ctrl-C in the terminal (SIGINT to the whole
+    foreground group: the command, the launcher, which passes it on again, and each process): every process
+    finishes the same step, one checkpoint is written, and `--nproc 2 --resume` completes the run."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "llm_finetune", "train", "--nproc", "2",
+            *[a for s in _sets(data, tiny_model_dir, "run", "train.max_steps=400", "train.batch_size=2",
+                               "train.save_steps=1000") for a in ("--set", s)]]
+    run = subprocess.Popen(argv, cwd=str(data), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    metrics = data / "run" / "logs" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and run.poll() is None:
+            if metrics.is_file() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        out, err = run.communicate(timeout=300)
+    except BaseException:
+        os.killpg(run.pid, signal.SIGKILL)
+        raise
+    assert run.returncode != 0 and err.count("training stopped by SIGINT") == 2, err[-3000:]
+    ck = data / "run" / "ck"
+    found = [p.name for p in ck.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))]
+    assert len(found) == 1 and found[0].startswith("checkpoint-"), found
+    step = int(found[0].split("-")[1])
+    assert 3 <= step < 400
+    assert {p.name for p in (ck / found[0]).glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+
+    done = subprocess.run([*argv, "--resume"], cwd=str(data), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Base vs tuned on") == 1
+    manifest = json.loads((ck / "run_manifest.json").read_text())
+    assert manifest["processes"]["world_size"] == 2 and manifest["training"]["steps"] == 400
+    assert f"resumed at step {step} of 400" in (data / "run" / "logs" / "training.log").read_text()
+
+
+def test_the_launcher_passing_ctrl_c_on_again_is_not_a_second_ctrl_c(monkeypatch):
+    """Under torchrun a terminal's Ctrl-C reaches each process twice (from the terminal, then passed on by the
+    launcher): that is one request to stop with a checkpoint. A second Ctrl-C seconds later stops at once."""
+    import signal
+
+    from llm_finetune import resume
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    clock = [100.0]
+    monkeypatch.setattr(resume.time, "monotonic", lambda: clock[0])
+    stop = resume.StopOnSignal()
+    stop._handle(signal.SIGINT, None)
+    clock[0] += 0.2
+    stop._handle(signal.SIGINT, None)  # the echo: still one request
+    assert stop.received == "SIGINT"
+    clock[0] += 5
+    with pytest.raises(KeyboardInterrupt, match="SIGINT again: stopped at once"):
+        stop._handle(signal.SIGINT, None)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no launcher in between, a repeat is a second Ctrl-C
+    alone = resume.StopOnSignal()
+    alone._handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        alone._handle(signal.SIGINT, None)
+
+
+ACCELERATE_CONFIGS = sorted((ROOT / "config" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_each_shipped_accelerate_config_starts_with_its_command_and_loads(path):
+    """accelerate's own loader accepts it (unknown keys are an error there); DeepSpeed configs name the extra
+    and a DeepSpeed file that exists, and ZeRO-3's gathers the weights for the save."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# accelerate launch --config_file config/accelerate/{path.name} ") and \
+        "-m llm_finetune train --config config/" in first
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.num_processes >= 2
+    if cfg.distributed_type.value == "DEEPSPEED":
+        assert "pip install 'llm-finetune[deepspeed]'" in path.read_text()
+        ds = json.loads((ROOT / cfg.deepspeed_config["deepspeed_config_file"]).read_text())
+        stage = ds["zero_optimization"]["stage"]
+        assert f"zero{stage}" in path.name and ds["gradient_accumulation_steps"] == "auto"
+        assert stage != 3 or ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    if cfg.distributed_type.value == "FSDP":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+
+
+def test_deepspeed_is_an_optional_extra_and_a_deepspeed_launch_without_it_refuses(monkeypatch, capsys, tmp_path):
+    import importlib.util
+    import tomllib
+
+    from llm_finetune.cli import main
+
+    assert "deepspeed" not in (ROOT / "requirements.txt").read_text().lower()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("deepspeed") for d in extras["deepspeed"])
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with zero3.yaml sets
+    assert main(["train", "--set", f"output.dir={tmp_path / 'ck'}"]) == 2
+    err = capsys.readouterr().err
+    assert "launched with a DeepSpeed config, and DeepSpeed is not installed: pip install 'llm-finetune[deepspeed]'" \
+        in err
+    assert not (tmp_path / "ck").exists()  # refused before anything was written
+
+
+def test_train_nproc_checks_the_processes_it_got(monkeypatch):
+    from llm_finetune.distributed import launch_problems
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    error, _ = launch_problems(4)
+    assert error and "train --nproc 4: the launcher started 2 process(es) instead" in error
+    assert launch_problems(2) == (None, None)
+
+
+def test_accelerate_launch_cpu_with_two_processes_says_it_runs_one(data, tiny_model_dir):
+    """`accelerate launch --cpu --num_processes 2` starts a single process (accelerate runs several CPU
+    processes only through mpirun). The run says so, and records the one process it had."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llm_finetune", "train",
+            *[a for s in _sets(data, tiny_model_dir, "acc", "train.max_steps=2", "data.eval_file=null")
+              for a in ("--set", s)]]
+    done = subprocess.run(argv, cwd=str(data), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accelerate launch --cpu started ONE process" in done.stderr
+    assert "accelerate launch --cpu started ONE process" in (data / "acc" / "logs" / "training.log").read_text()
+    manifest = json.loads((data / "acc" / "ck" / "run_manifest.json").read_text())
+    assert manifest["processes"]["world_size"] == 1
+
+
+def test_the_gpu_script_for_sharded_saves_is_kept_and_refuses_without_gpus():
+    """scripts/gpu_check_distributed.py checks FSDP2 / ZeRO-3 saving on a CUDA machine; here it says why not."""
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        pytest.skip("GPUs here: run the script itself")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_distributed.py")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "needs a machine with 2 or more CUDA GPUs" in done.stderr

@@ -15,6 +15,7 @@ SHIPPED = sorted((ROOT / "config").glob("*.json"))
 
 
 def _no_weights(monkeypatch):
+    import peft  # noqa: F401  imported first, so it binds the real load_file, not the refusal below
     import safetensors.torch
     import transformers
 
@@ -114,3 +115,28 @@ def test_memory_follows_quantisation_and_optimizer(tiny_project):
     assert adam8.memory["optimizer_states"] * 4 == fp32.memory["optimizer_states"]
     ckpt = estimate(load_config(config, ["train.gradient_checkpointing=true"]))
     assert ckpt.memory["activations"] < fp32.memory["activations"]
+
+
+def test_the_plan_per_process_for_several_processes(monkeypatch, capsys):
+    """--nproc N: the global batch (batch x accumulation x N) sets the steps, and each device's memory is
+    estimated for DDP (a whole replica), FSDP and ZeRO-3 (the state split N ways)."""
+    from llm_finetune.dry_run import estimate
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_weights(monkeypatch)
+    cfg = load_config(ROOT / "config" / "falcon7b_qlora.json", ["model.quantization=none", "method.name=full",
+                                                                "train.max_steps=null", "train.epochs=1"])
+    one, four = estimate(cfg), estimate(cfg, world_size=4)
+    assert four.batch == (cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
+                          4 * cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
+    if one.steps:  # from the data when it is at hand
+        assert four.steps == -(-one.examples // four.batch[2])
+    ddp, fsdp, zero3 = (four.per_device[k] for k in ("DDP", "FSDP (full shard)", "DeepSpeed ZeRO-3"))
+    assert ddp > one.memory["total"]  # a whole replica, plus its gradient buckets
+    state = sum(one.memory[k] for k in ("weights", "adapter", "gradients", "optimizer_states"))
+    assert fsdp < ddp - 0.7 * state  # three quarters of the state lives on the other devices
+    assert zero3 >= fsdp and not one.per_device
+    assert main(["train", "--config", "config/falcon7b_qlora.json", "--dry-run", "--nproc", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "processes        4: batch" in out and "DeepSpeed ZeRO-3" in out and "memory per device" in out

@@ -370,8 +370,8 @@ def test_adalora_allocator_runs_between_optimizer_step_and_zero_grad(tiny_model_
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers import TrainingArguments
 
-    from llm_finetune.data.collate import PaddingCollator
     from llm_finetune.callbacks import AdaLoraRankAllocator, training_callbacks
+    from llm_finetune.data.collate import PaddingCollator
     from llm_finetune.trainer import FinetuneTrainer
 
     model, tok = _build(tiny_model_dir, name="adalora", adalora_init_r=4, adalora_target_r=2, total_steps=3)

@@ -1,4 +1,7 @@
-"""The `llm-finetune` command: one table of verbs; heavy imports happen inside the verb that runs."""
+"""The `llm-finetune` command: one table of verbs; heavy imports happen inside the verb that runs.
+
+It stays whole: it is the command's one table of verbs and their arguments, and each verb's body is a few
+lines that call the package (split up, the table would be spread over files that each hold a fragment)."""
 
 from __future__ import annotations
 
@@ -32,23 +35,24 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
-    cfg = _load_config(args)
-    if getattr(args, "dry_run", False):
-        from .dry_run import estimate, format_plan
-
-        print(format_plan(estimate(cfg, args.throughput)))
-        return 0
+    from .distributed import processes, start_processes
     from .quiet import library_output_to_log
 
-    # Library notices that ask nothing of the user (deprecations, optional kernels) go to the run's log,
-    # those printed on import too: the recipe's libraries are imported inside the routing.
+    cfg = _load_config(args)
+    if args.dry_run:
+        with library_output_to_log(quiet_errors=_user_errors()):  # import-time notices ask nothing of the user
+            from .dry_run import estimate, format_plan
+
+            plan = estimate(cfg, args.throughput, world_size=args.nproc)
+        print(format_plan(plan))
+        return 0
+    if (launched := start_processes(args.nproc, args.argv)) is not None:  # --nproc N: under torchrun, its status
+        return launched
+    # Library notices that ask nothing of the user go to the run's log (the recipe is imported inside the routing).
     with library_output_to_log(quiet_errors=_user_errors()):
         from .train import run
 
-        result = run(cfg, resume=getattr(args, "resume", None), allow_changed=getattr(args, "allow_changed", False),
-                     overwrite=getattr(args, "overwrite", False))
-    from .distributed import processes
-
+        result = run(cfg, resume=args.resume, allow_changed=args.allow_changed, overwrite=args.overwrite)
     if not processes().is_main:  # the main process prints the result once
         return 0
     if result.report:
@@ -288,6 +292,9 @@ def _train_args(p):
                    help="start over in an output.dir that holds an unfinished run (its checkpoints are removed)")
     p.add_argument("--allow-changed", action="store_true",
                    help="with --resume: continue although the config or the data changed (each change is logged)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (one per GPU, or on CPUs) through torchrun; with "
+                        "--dry-run: the plan and memory per process")
     p.add_argument("--throughput", type=float, metavar="TOKENS_PER_S",
                    help="training throughput for the dry run's ETA (default: from a previous run in output.dir)")
 
@@ -427,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -270,6 +270,11 @@ class OutputConfig:
     adapter_name: str = _f("adapter_model", "Name of the final artifact folder inside dir.")
     overwrite: bool = _f(True, "Replace a previous final artifact (written atomically).")
     tensorboard: bool = _f(True, "Write TensorBoard event files under logs_dir/tensorboard.")
+    verify_reload: Literal["auto", "always", "never"] = _f(
+        "auto", "Before the run reports success, load the saved adapter back from disk and compare its loss on a "
+        "fixed batch with the trained model's. auto = where the save was sharded (FSDP, DeepSpeed ZeRO-3), "
+        "always = every run (one more load of the base), never. The saved tensors' shapes are checked on "
+        "every run.")
 
 
 @dataclass

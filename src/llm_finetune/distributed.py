@@ -12,10 +12,16 @@ step): a signal or a non-finite loss on any one process stops every process afte
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,10 @@ class Processes:
     def label(self) -> str:
         """'rank 1 of 2' for messages; empty for a single process."""
         return f"rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
+
+
+# Set by `train --nproc N` for the processes it starts: each checks it is one of N.
+NPROC_ENV = "LLM_FINETUNE_NPROC"
 
 
 def processes() -> Processes:
@@ -87,3 +97,65 @@ def gather_from_processes(obj) -> list:
     gathered: list = [None] * processes().world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def start_processes(nproc: int | None, argv: list[str]) -> int | None:
+    """`train --nproc N` outside a launcher: run `argv` (the command line, `train ...`) under torchrun with N
+    processes and return its exit status. Otherwise None, once the processes this run got are checked
+    (an error if they are not the N asked for; a warning where accelerate quietly started one)."""
+    if nproc and nproc > 1 and processes().world_size == 1:
+        return launch(nproc, _without_nproc(argv[1:]))
+    error, warning = launch_problems(nproc)
+    if error:
+        raise ConfigError(error)
+    if warning:
+        print(f"llm-finetune train: warning: {warning}", file=sys.stderr)
+    return None
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch(nproc: int, train_args: list[str]) -> int:
+    """`llm-finetune train --nproc N`: the same command under torchrun, N processes on this machine (gloo on
+    CPUs, nccl on GPUs), and its exit status. A terminal's Ctrl-C reaches every process itself; a SIGTERM sent
+    to this command is passed on to the launcher, which passes it to each process (see resume.StopOnSignal)."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "llm_finetune", "train", *train_args]
+    child = subprocess.Popen(argv, env={**os.environ, NPROC_ENV: str(nproc)})
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def launch_problems(nproc: int | None = None) -> tuple[str | None, str | None]:
+    """(error, warning) about the processes this run got, against the ones it was started for (`train --nproc`)."""
+    got, env = processes(), os.environ
+    asked = nproc or env.get(NPROC_ENV)
+    if asked and int(asked) != got.world_size:
+        return (f"train --nproc {asked}: the launcher started {got.world_size} process(es) instead; check the "
+                "torchrun / accelerate arguments"), None
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and importlib.util.find_spec("deepspeed") is None:
+        return ("this run was launched with a DeepSpeed config, and DeepSpeed is not installed: pip install "
+                "'llm-finetune[deepspeed]' (with torch installed first), or launch with a DDP or FSDP config "
+                "(config/accelerate/)"), None
+    if got.world_size == 1 and env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env:
+        return None, ("accelerate launch --cpu started ONE process, whatever --num_processes says (accelerate runs "
+                      "several CPU processes only through mpirun): this run trains as a single process. For N CPU "
+                      "processes use `llm-finetune train --nproc N` or `torchrun --nproc_per_node N -m llm_finetune "
+                      "train ...`")
+    return None, None

@@ -5,6 +5,11 @@ way a real run does, and the parameter counts are read off. Memory follows from 
 chosen quantisation; activations use the per-layer estimate of Korthikanti et al. (2022, "Reducing
 Activation Recomputation in Large Transformer Models"), which is rough and labelled so. Tokens come
 from the real tokenizer and data when they are at hand, else from characters / 4 (labelled).
+
+With several processes (`--nproc N`, or run under a launcher) the plan is per process: the global batch
+(batch x accumulation x processes) sets the steps, and the memory of each device is estimated for DDP (a
+full replica each), FSDP (full shard) and DeepSpeed ZeRO-3 (weights, gradients and optimizer states split
+N ways, one or two layers gathered at a time).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class Plan:
     throughput: float | None = None
     throughput_source: str | None = None
     notes: list[str] = field(default_factory=list)
+    world_size: int = 1
+    batch: tuple[int, int, int] = (1, 1, 1)  # per-device batch, accumulation, global batch
+    per_device: dict[str, float] = field(default_factory=dict)  # strategy -> bytes on each device (world_size > 1)
 
     @property
     def eta_seconds(self) -> float | None:
@@ -133,9 +141,12 @@ def _hidden_layers_vocab(config) -> tuple[int, int, int]:
 # The estimate
 
 
-def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
+def estimate(cfg: RunConfig, throughput: float | None = None, world_size: int | None = None) -> Plan:
     import torch
 
+    from .distributed import processes
+
+    world = world_size or processes().world_size
 
     config, config_source, tok_path = architecture_config(cfg)
     quant = methods.effective_quantization(cfg.method.name, cfg.model.quantization)
@@ -157,7 +168,7 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
             data_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_file=None))
             data = prepare_data(data_cfg, tokenizer)
             tokens_per_epoch, examples = data.train_stats.tokens, len(data.train)
-            steps = plan_steps(cfg, data)
+            steps = plan_steps(cfg, data, world)
             tokens_note = f"{data.train_stats.trained_tokens:,} of them trained (assistant tokens)"
         else:
             rows = load_examples(cfg.data.train_file, cfg.data.format, roles=cfg.data.roles).examples
@@ -168,10 +179,11 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
             examples = len(rows)
             tokens_note = "approximate: no tokenizer offline, ~4 characters per token"
             t = cfg.train
-            per_step = t.batch_size * t.gradient_accumulation_steps
+            per_step = t.batch_size * t.gradient_accumulation_steps * world
             steps = t.max_steps or max(1, math.ceil(examples * t.epochs / per_step))
         mean_len = tokens_per_epoch / max(examples, 1)
-        tokens_total = int(round(steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * mean_len))
+        tokens_total = int(round(steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
+                                 * mean_len))
     else:
         notes.append(f"data.train_file {cfg.data.train_file} not found: no token count or ETA")
 
@@ -221,6 +233,12 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
                  "(Korthikanti et al. 2022, 34·s·b·h bytes per layer at 16 bit), plus the logits; the framework and "
                  "CUDA context add ~0.5-1 GiB on a GPU")
 
+    per_device = _per_device(memory, world, layers, trainable, wbytes, cfg.method.name == "full") \
+        if world > 1 else {}
+    if per_device and quant != "none":
+        notes.append("FSDP / ZeRO-3 with a quantised base: bitsandbytes 4-bit shards only with "
+                     "bnb_4bit_quant_storage set to the compute dtype; 8-bit weights are not sharded")
+
     try:
         for note in methods.preflight(cfg):
             notes.append(note)
@@ -240,7 +258,24 @@ def estimate(cfg: RunConfig, throughput: float | None = None) -> Plan:
     return Plan(model=cfg.model.name_or_path, config_source=config_source, method=cfg.method.name,
                 quantization=quant, dtype=dtype_name, parameters=total_base, trainable=trainable, memory=memory,
                 tokens_per_epoch=tokens_per_epoch, tokens_note=tokens_note, examples=examples, steps=steps,
-                tokens_total=tokens_total, throughput=throughput, throughput_source=source, notes=notes)
+                tokens_total=tokens_total, throughput=throughput, throughput_source=source, notes=notes,
+                world_size=world, batch=(cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
+                                         cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world),
+                per_device=per_device)
+
+
+def _per_device(memory: dict[str, float], world: int, layers: int, trainable: int, wbytes: int,
+                full: bool) -> dict[str, float]:
+    """Bytes on each of `world` devices. DDP: a whole replica, plus its gradient buckets (a copy of the
+    trainable gradients). FSDP (full shard): weights, gradients and optimizer states split N ways, plus two
+    decoder layers gathered at a time (the one computing, the one prefetched). ZeRO-3: the same split, plus
+    fp32 master weights of 16-bit trainable weights (full fine-tuning)."""
+    state = memory["weights"] + memory["adapter"] + memory["gradients"] + memory["optimizer_states"]
+    gathered = 2 * memory["weights"] / max(layers, 1)
+    sharded = state / world + gathered + memory["activations"]
+    master = trainable * 4 / world if full and wbytes < 4 else 0.0
+    return {"DDP": memory["total"] + memory["gradients"], "FSDP (full shard)": sharded, "DeepSpeed ZeRO-3": sharded
+            + master}
 
 
 def format_plan(p: Plan) -> str:
@@ -259,6 +294,11 @@ def format_plan(p: Plan) -> str:
         f"    activations      {_gib(m['activations'])}  (rough)",
         f"    total            {_gib(m['total'])}",
     ]
+    if p.world_size > 1:
+        lines.append(f"  processes        {p.world_size}: batch {p.batch[0]} per process x {p.batch[1]} accumulation x "
+                     f"{p.world_size} processes = {p.batch[2]} examples per optimizer step")
+        lines.append("  memory per device (rough, activations included)")
+        lines += [f"    {name:<20} {_gib(b)}" for name, b in p.per_device.items()]
     if p.tokens_per_epoch is not None:
         lines.append(f"  data             {p.examples} examples, {p.tokens_per_epoch:,} tokens per epoch"
                      f"{f' ({p.tokens_note})' if p.tokens_note else ''}")

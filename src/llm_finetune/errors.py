@@ -59,3 +59,7 @@ class DiskFull(UserError):
 
 class HubError(UserError, ValueError):
     """Pushing to the Hub cannot proceed."""
+
+
+class SaveCheckFailed(UserError):
+    """The saved weights are not the trained ones (a partial sharded save); the previous adapter is kept."""

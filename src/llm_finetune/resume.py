@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -253,16 +254,21 @@ class StopOnSignal(TrainerCallback):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     NAMES = {s.name for s in SIGNALS}
+    ECHO_S = 2.0  # several processes: a repeat this soon is the launcher passing the first signal on
 
     def __init__(self):
         self.received: str | None = None
+        self.at = 0.0
         self.previous: dict = {}
 
     def _handle(self, signum, frame):
+        if self.received and processes().world_size > 1 and time.monotonic() - self.at < self.ECHO_S:
+            return  # the same Ctrl-C again, passed on by the launcher (torchrun forwards what it receives)
         if self.received:  # the second one: no checkpoint, nothing else written
             self.restore()
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped at once")
         self.received = signal.Signals(signum).name
+        self.at = time.monotonic()
 
     def restore(self):
         """Put back the handlers that were there before training (idempotent)."""

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .artifacts import RUN_CONFIG, RUN_MANIFEST
 from .attention import use_padding_free_attention
 from .config import RunConfig
 from .data.prepare import PreparedData, prepare_data
-from .distributed import main_process_first, processes, wait_for_everyone
+from .distributed import launch_problems, main_process_first, processes, wait_for_everyone
 from .errors import DataError, MethodError, TrainingInterrupted
 from .evaluation.report import add_context, write_into_adapter, write_report
 from .evaluation.score import EvalOptions, compare_base_and_tuned, format_table, load_eval_set, options_from_config
@@ -49,6 +50,7 @@ from .resume import (
     resume_point,
     run_identity,
 )
+from .saved_check import check_reload, check_shapes, fixed_batch_loss, full_state_dict, is_sharded, reload_saved
 from .trainer import build_trainer, global_batch, mark_best_checkpoint, plan_steps
 
 log = logging.getLogger("llm_finetune")
@@ -75,6 +77,11 @@ class Setup:
     resume_from: Path | None = None  # the checkpoint to continue from (--resume)
     lock: RunLock | None = None  # held on output.dir from setup to the end of finish (or a failure)
 
+    @property
+    def fixed_rows(self) -> list:
+        """A fixed batch (the first held-out rows, else the first training rows) for the saved-adapter check."""
+        return (self.data.eval or self.data.train)[:4]
+
 
 @dataclass
 class Fit:
@@ -87,6 +94,8 @@ class Fit:
     runtime_s: float
     best: dict[str, Any] | None  # the best checkpoint (train.eval_steps with load_best_at_end)
     loss_spikes: list[dict[str, Any]]  # the steps the spike guard skipped (train.spike_guard)
+    full_weights: dict[str, Any] | None = None  # gathered from every process where training was sharded
+    fixed_batch_loss: float | None = None  # the trained model's, for the reload check (output.verify_reload)
 
 
 @dataclass
@@ -246,6 +255,8 @@ def _log_plan(run: Setup, method_notes: list[str]) -> None:
     log.info("plan: %d steps of %d examples (%d per process x %d accumulation x %d process(es)), learning rate %g",
              run.steps, global_batch(cfg), cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
              processes().world_size, cfg.learning_rate)
+    if warning := launch_problems()[1]:
+        log.warning("processes: %s", warning)
     log.info("precision: %s (model.dtype=%s)", run.precision.why, cfg.model.dtype)
     log.info("batches: %s", "padding-free: each batch's examples packed in one row, attention within each example "
              "(train.packing)" if cfg.packing else "right-padded rows with an attention mask (train.packing=false)")
@@ -284,9 +295,13 @@ def fit(run: Setup) -> Fit:
         raise
     finally:
         stop.restore()  # also when training raised: Ctrl-C is the default again
-    fitted = Fit(trainer.model, trainer.state.global_step, output.training_loss,
+    sharded = is_sharded(trainer.accelerator)
+    fitted = Fit(trainer.accelerator.unwrap_model(trainer.model), trainer.state.global_step, output.training_loss,
                  int(trainer.state.num_input_tokens_seen), output.metrics["train_runtime"],
-                 mark_best_checkpoint(trainer, Path(cfg.output.dir)), list(guard.skipped.values()) if guard else [])
+                 mark_best_checkpoint(trainer, Path(cfg.output.dir)), list(guard.skipped.values()) if guard else [],
+                 full_weights=full_state_dict(trainer))  # every process takes part in gathering sharded weights
+    if cfg.output.verify_reload == "always" or (cfg.output.verify_reload == "auto" and sharded):
+        fitted.fixed_batch_loss = fixed_batch_loss(trainer.model, run.fixed_rows, run.tokenizer.pad_token_id)
     log.info("training done: %d steps, final loss %.4f, %d tokens seen, %.0f s", fitted.steps, fitted.final_loss,
              fitted.tokens_seen, fitted.runtime_s)
     if fitted.best:
@@ -325,13 +340,22 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
     out_dir = Path(cfg.output.dir)
     manifest = _manifest(run, fitted)
     adapter_dir = out_dir / cfg.output.adapter_name
+    reload = partial(reload_saved, cfg=cfg, source=run.source, dtype=run.precision.load_name,
+                     quantization=run.quantization, tokenizer=data.encoder.tokenizer)
     if not processes().is_main:  # the main process saves, evaluates and reports; the others are done
         return RunResult(adapter_dir, manifest, None)
     with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
         # Added tokens: only their trained rows are saved (PEFT's trainable tokens), not the whole
         # resized embedding matrix PEFT would otherwise copy; `generate` resizes the base first.
-        fitted.model.save_pretrained(tmp, **({"save_embedding_layers": False} if data.added_tokens else {}))
+        options = {"save_embedding_layers": False} if data.added_tokens else {}
+        fitted.model.save_pretrained(tmp, **options, **({"state_dict": fitted.full_weights}
+                                                         if fitted.full_weights is not None else {}))
         run.tokenizer.save_pretrained(tmp)
+        manifest["saved_check"] = {"tensors": check_shapes(tmp, fitted.model, options),
+                                   "sharded": fitted.full_weights is not None, "reload": None}
+        if fitted.fixed_batch_loss is not None:  # before the folder gets its name: a failure keeps the old one
+            loss = partial(fixed_batch_loss, rows=run.fixed_rows, pad_token_id=run.tokenizer.pad_token_id)
+            manifest["saved_check"]["reload"] = check_reload(tmp, fitted.fixed_batch_loss, reload, loss)
         write_json(tmp / RUN_CONFIG, cfg.to_dict())
         write_json(tmp / RUN_MANIFEST, manifest)
         describe_adapter_folder(tmp)  # base named by its Hub id, our model card as README.md
@@ -340,6 +364,8 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
 
     report = None
     if data.eval_pairs:
+        if fitted.full_weights is not None:  # sharded: the main process evaluates the saved adapter on its own
+            fitted.model = reload(adapter_dir)
         try:
             report = evaluate_run(run, fitted)
         except Exception:

@@ -52,15 +52,16 @@ BEST_MARKER = "best_checkpoint.json"
 # Steps and arguments
 
 
-def global_batch(cfg: RunConfig) -> int:
-    """Examples per optimizer step: train.batch_size x accumulation on each of the run's processes."""
-    return cfg.train.batch_size * cfg.train.gradient_accumulation_steps * processes().world_size
+def global_batch(cfg: RunConfig, world_size: int | None = None) -> int:
+    """Examples per optimizer step: train.batch_size x accumulation on each of the run's processes (or of
+    `world_size` processes, for a plan)."""
+    return cfg.train.batch_size * cfg.train.gradient_accumulation_steps * (world_size or processes().world_size)
 
 
-def plan_steps(cfg: RunConfig, data: PreparedData) -> int:
+def plan_steps(cfg: RunConfig, data: PreparedData, world_size: int | None = None) -> int:
     """Optimizer steps for the run: max_steps, else the token budget, else epochs."""
     t = cfg.train
-    per_step = global_batch(cfg)
+    per_step = global_batch(cfg, world_size)
     if t.max_steps:
         return t.max_steps
     if t.max_tokens:
