@@ -296,6 +296,7 @@ def test_each_shipped_accelerate_config_starts_with_its_command_and_loads(path):
 
 def test_deepspeed_is_an_optional_extra_and_a_deepspeed_launch_without_it_refuses(monkeypatch, capsys, tmp_path):
     import importlib.util
+
     import tomllib
 
     from llm_finetune.cli import main

@@ -71,8 +71,8 @@ def test_a_save_that_kept_part_of_each_weight_is_refused_and_the_previous_adapte
         save_file(shard, f"{folder}/adapter_model.safetensors", metadata={"format": "pt"})
 
     monkeypatch.setattr(PeftModel, "save_pretrained", save_one_shard)
-    with pytest.raises(SaveCheckFailed, match=r"not the trained ones .*lora_A.weight: saved \[8, 96\], the trained "
-                                              r"weight is \[16, 96\].*the previous adapter and the checkpoints are kept"):
+    with pytest.raises(SaveCheckFailed, match=r"not the trained ones .*lora_A.weight: saved \[8, 96\], the "
+                       r"trained weight is \[16, 96\].*the previous adapter and the checkpoints are kept"):
         run(_cfg(data, tiny_model_dir, "output.overwrite=true", "train.learning_rate=1e-2"))
     assert (adapter_dir / "adapter_model.safetensors").read_bytes() == before
     assert (data / "ck" / "checkpoint-4").is_dir()
