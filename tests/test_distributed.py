@@ -39,23 +39,32 @@ def _sets(root, model_dir, name, *extra):
 
 
 def _torchrun(root, model_dir, name, *extra, nproc=2, inject: str = "", ok: bool = True, args=()):
-    """`llm-finetune train` under torchrun; `inject`: Python run in every process before the command (a fault)."""
+    """`llm-finetune train` under torchrun; `inject`: Python run in every process before the command (a fault).
+
+    A launch whose processes lose their gloo connection while starting up, before any step (seen twice in
+    ~30 launches here, never reproduced outside the suite), is started once more."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     script = root / f"launch_{name}.py"
     script.write_text(f"import os, signal, sys\n{textwrap.dedent(inject)}\nfrom llm_finetune.cli import main\n"
                       "sys.exit(main(sys.argv[1:]))\n")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             str(script), "train", *[a for s in _sets(root, model_dir, name, *extra) for a in ("--set", s)], *args]
-    # Its own process group, so that a hang (a collective one process never reaches) is killed whole.
-    launcher = subprocess.Popen(argv, cwd=str(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
-    try:
-        out, err = launcher.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, 9)
-        raise
+    for attempt in (1, 2):
+        # Its own process group, so that a hang (a collective one process never reaches) is killed whole.
+        launcher = subprocess.Popen(argv, cwd=str(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+        try:
+            out, err = launcher.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, 9)
+            raise
+        metrics = root / name / "logs" / "metrics.jsonl"
+        started = metrics.is_file() and metrics.read_text().strip()
+        if attempt == 1 and launcher.returncode and "Connection closed by peer" in err and not started:
+            continue
+        break
     done = subprocess.CompletedProcess(argv, launcher.returncode, out, err)
-    assert (done.returncode == 0) == ok, done.stderr[-int(os.environ.get("ERR_TAIL", 3000)):]
+    assert (done.returncode == 0) == ok, done.stderr[-3000:]
     return done
 
 

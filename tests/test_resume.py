@@ -521,3 +521,18 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_the_checkpoints_as_they_were(d
     assert sorted(p.name for p in ck.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
     assert before and {f.name: f.read_bytes() for f in (ck / "checkpoint-2").iterdir()} == before
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is the default again
+
+
+def test_a_checkpoint_from_before_a_new_config_key_resumes_while_the_key_is_at_its_default():
+    """A key added to the config after the checkpoint was written (an upgrade) is no change while it keeps its
+    default; set to something else it is one."""
+    from llm_finetune.resume import identity_changes
+
+    current = {"config": load_config(None, []).to_dict(), "data": {}, "world_size": 1}
+    saved = json.loads(json.dumps(current))
+    del saved["config"]["preference"], saved["config"]["train"]["objective"]
+    assert identity_changes(saved, current) == ([], [])
+    changed = load_config(None, ["train.learning_rate=0.5"]).to_dict()
+    changed["preference"]["simpo_gamma"] = 0.7
+    lines, _ = identity_changes(saved, {**current, "config": changed})
+    assert lines == ["preference.simpo_gamma: None -> 0.7", "train.learning_rate: None -> 0.5"]

@@ -50,12 +50,20 @@ def cmd_train(args) -> int:
         return launched
     # Library notices that ask nothing of the user go to the run's log (the recipe is imported inside the routing).
     with library_output_to_log(quiet_errors=_user_errors()):
-        from .train import run
+        if cfg.train.objective == "sft":
+            from .train import run
+        else:  # a preference objective: TRL's trainer for it, in the same engine
+            from .preference_train import run
 
         result = run(cfg, resume=args.resume, allow_changed=args.allow_changed, overwrite=args.overwrite)
     if not processes().is_main:  # the main process prints the result once
         return 0
-    if result.report:
+    if result.report and cfg.train.objective != "sft":
+        from .evaluation.preference import format_preference_table
+
+        print(f"\nBase vs tuned preference on {cfg.data.eval_file or 'the held-out rows'}:")
+        print(format_preference_table(result.report))
+    elif result.report:
         from .evaluation.score import format_table
 
         print(f"\nBase vs tuned on {cfg.data.eval_file} ({result.report['tuned']['n']} examples):")
@@ -249,6 +257,12 @@ def cmd_data_check(args) -> int:
 
     cfg, encoder = _data_encoder(args)
     spec = _data_source(args, cfg)
+    if cfg.train.objective != "sft":  # preference rows (pairs, or KTO's labelled answers)
+        from .data.preference import check_preferences
+
+        ok, text = check_preferences(spec, cfg.train.objective, encoder, cfg.data.roles)
+        print(text)
+        return 0 if ok else 1
     plot = args.plot or str(Path(cfg.output.logs_dir) / f"data_check_{Path(spec).stem or 'data'}.png")
     report = check(spec, encoder, cfg.data.format, histogram=None if args.no_plot else plot, roles=cfg.data.roles)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format())
@@ -259,6 +273,11 @@ def cmd_data_preview(args) -> int:
     from .data.doctor import preview
 
     cfg, encoder = _data_encoder(args)
+    if cfg.train.objective != "sft":
+        from .data.preference import preview_preferences
+
+        return 0 if preview_preferences(_data_source(args, cfg), cfg.train.objective, encoder, args.n,
+                                        cfg.data.roles) else 1
     color = {"auto": None, "always": True, "never": False}[args.color]
     shown = preview(_data_source(args, cfg), encoder, args.n, cfg.data.format, color, roles=cfg.data.roles)
     return 0 if shown else 1

@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from .errors import ConfigError
 from .methods import METHODS, OPTIMIZERS, option_readers
+from .objectives import option_problems
 
 
 def _f(default, help: str, **kw):
@@ -181,6 +182,10 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
+    objective: Literal["sft", "dpo", "orpo", "kto", "simpo"] = _f(
+        "sft", "What to train for: sft (supervised, on the answers), or a preference objective on preference data "
+        "(dpo, orpo, simpo: prompt + chosen + rejected; kto: answers labelled true/false), through TRL; its options "
+        "are the preference section.")
     learning_rate: float | None = _f(None, "Peak learning rate; null = the method's default.", min=0)
     epochs: float = _f(1.0, "Passes over the training data (fractions allowed).", min=0)
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).", min=1)
@@ -278,6 +283,24 @@ class OutputConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Options of the preference objectives (train.objective); each reads only its own (objectives.py)."""
+
+    beta: float | None = _f(None, "Strength of the preference term; null = the objective's default (0.1; simpo "
+                            "2.0).", min=0)
+    loss_type: str | None = _f(None, "dpo / kto: TRL's loss variant (dpo: sigmoid, hinge, ipo, robust, ...; kto: "
+                               "kto, apo_zero_unpaired); null = sigmoid / kto.")
+    label_smoothing: float = _f(0.0, "dpo (robust, exo_pair), simpo: assumed rate of wrongly ordered pairs.",
+                                min=0, max=0.5)
+    desirable_weight: float = _f(1.0, "kto: weight of the desirable answers' loss.", min=0)
+    undesirable_weight: float = _f(1.0, "kto: weight of the undesirable answers' loss.", min=0)
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin.", min=0)
+    cache_reference: bool = _f(True, "dpo / kto: keep the reference log-probabilities on disk (keyed by data, "
+                               "model, init_adapter, template, max_length, precision), so another run skips "
+                               "that pass.")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -285,6 +308,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -296,7 +320,10 @@ class RunConfig:
 
     @property
     def packing(self) -> bool:
-        """train.packing, or (null) whether the method can train on packed rows (methods.Method.packs)."""
+        """train.packing, or (null) whether the method can train on packed rows (methods.Method.packs); never for
+        a preference objective (TRL batches the answers of a pair together)."""
+        if self.train.objective != "sft":
+            return False
         return self.train.packing if self.train.packing is not None else METHODS[self.method.name].packs
 
     def resolved(self) -> RunConfig:
@@ -352,6 +379,18 @@ class RunConfig:
             fail(f"method.name=full trains every weight, and quantised ({self.model.quantization}) weights cannot be "
                  "trained. Use model.quantization=none, or an adapter method (qlora, lora, dora, ...) on the "
                  "quantised base.")
+        for problem in option_problems(t.objective, dataclasses.asdict(self.preference)):
+            fail(problem)
+        if t.objective != "sft":
+            if METHODS[m.name].family not in ("lora", "ia3", "full"):
+                why = ("AdaLoRA adds its orthogonality regulariser to the model's own loss, which TRL's preference "
+                       "losses never read" if m.name == "adalora" else "TRL's preference trainers score each answer "
+                       "token at its input position, which virtual-token methods shift")
+                fail(f"train.objective={t.objective} cannot train method.name={m.name}: {why}. Use lora (or qlora, "
+                     "dora, rslora, ia3, full)")
+            if t.packing or t.group_by_length:
+                fail(f"train.objective={t.objective}: TRL's preference trainers batch chosen and rejected answers "
+                     "together, padded; set train.packing and train.group_by_length to false/null")
         if e.format == "json_schema" and not e.schema:
             fail("eval.format is 'json_schema' but eval.schema is not set: give a schema file path or inline JSON")
         if e.format == "regex" and not e.regex:
@@ -365,6 +404,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "output": OutputConfig,
+    "preference": PreferenceConfig,
 }
 
 

@@ -8,6 +8,9 @@ report, and evaluates. The other processes end when training ends.
 
 Decisions that stop training are taken by all processes together (`max_over_processes`, once per optimizer
 step): a signal or a non-finite loss on any one process stops every process after the same step.
+
+`train --nproc N` starts the launcher itself (`start_processes`), and every run checks the processes it got
+against those asked for (`launch_problems`).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 
 from .artifacts import CHECKPOINT_STAGING, RUN_IDENTITY, RUN_LOCK, SPIKE_GUARD_STATE, read_json
 from .callbacks import CheckpointState, MetricsLogger
+from .config import RunConfig
 from .distributed import max_over_processes, processes
 from .errors import ConfigError, DiskFull, TrainingDiverged
 from .manifest import write_json
@@ -116,8 +117,11 @@ def identity_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     if was != now and same_global:
         notes.append("the global batch of {} is split differently: {} process(es) x batch {} x accumulation {} -> "
                      "{} x {} x {}".format(math.prod(now), *was, *now))
+    defaults = _flat(RunConfig().to_dict())
     for key in sorted(set(old) | set(new)):
         if key.startswith(_MAY_CHANGE) or (same_global and key in _SPLIT) or old.get(key) == new.get(key):
+            continue
+        if key not in old and new.get(key) == defaults.get(key):  # a key newer than the checkpoint, at its default
             continue
         lines.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     if not same_global:

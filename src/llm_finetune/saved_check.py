@@ -72,8 +72,12 @@ def expected_shapes(model, save_kwargs: dict[str, Any]) -> dict[str, tuple[int, 
     from peft.utils import get_peft_model_state_dict
 
     meta = {k: torch.empty(shape, device="meta") for k, shape in full.items()}
-    kept = get_peft_model_state_dict(model, state_dict=meta, adapter_name=model.active_adapter,
-                                     save_embedding_layers=save_kwargs.get("save_embedding_layers", "auto"))
+    options = {"adapter_name": model.active_adapter,
+               "save_embedding_layers": save_kwargs.get("save_embedding_layers", "auto")}
+    try:
+        kept = get_peft_model_state_dict(model, state_dict=meta, **options)
+    except (NotImplementedError, RuntimeError):  # AdaLoRA cuts each weight to its rank pattern by indexing it,
+        kept = get_peft_model_state_dict(model, **options)  # which shapes alone cannot do: the weights themselves
     return {k: tuple(v.shape) for k, v in kept.items()}
 
 

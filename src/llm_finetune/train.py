@@ -30,7 +30,7 @@ from .attention import use_padding_free_attention
 from .config import RunConfig
 from .data.prepare import PreparedData, prepare_data
 from .distributed import launch_problems, main_process_first, processes, wait_for_everyone
-from .errors import DataError, MethodError, TrainingInterrupted
+from .errors import ConfigError, DataError, MethodError, TrainingInterrupted
 from .evaluation.report import add_context, write_into_adapter, write_report
 from .evaluation.score import EvalOptions, compare_base_and_tuned, format_table, load_eval_set, options_from_config
 from .hub import describe_adapter_folder, write_adapter_card
@@ -123,6 +123,8 @@ def run(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = 
 def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = False,
           overwrite: bool = False) -> Setup:
     started = time.time()
+    if cfg.train.objective != "sft":  # the supervised recipe; `llm-finetune train` picks the preference one
+        raise ConfigError(f"train.objective={cfg.train.objective}: train with preference_train.run, not train.run")
     threads, why = (cfg.train.num_threads, "train.num_threads") if cfg.train.num_threads else default_threads()
     torch.set_num_threads(threads)
     packing_asked = cfg.train.packing  # true, false, or null: where the method and the model can
@@ -272,6 +274,14 @@ def fit(run: Setup) -> Fit:
     trainer = build_trainer(cfg, run.model, run.tokenizer, run.data, run.steps, cfg.learning_rate,
                             Path(cfg.output.logs_dir), resuming=run.resume_from is not None,
                             extra_callbacks=[RunIdentityState(run.identity), stop])
+    return train_to_the_end(run, trainer, stop)
+
+
+def train_to_the_end(run: Setup, trainer, stop: StopOnSignal) -> Fit:
+    """Train with `trainer` (any Trainer with this tool's engine: trainer.FinetuneTrainer, or a preference trainer
+    built on it): the spike guard, a clean stop on a signal, the run folder unlocked on any failure, a full disk
+    named; then the trained model (sharded weights gathered) and what training did."""
+    cfg = run.cfg
     guard = SpikeGuard(trainer, cfg.train.spike_guard, cfg.train.spike_window, cfg.train.spike_max_skips) \
         if cfg.train.spike_guard else None
     if guard:

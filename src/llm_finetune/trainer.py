@@ -254,9 +254,9 @@ class FinetuneTrainer(Trainer):
 
     def named_examples(self) -> str:
         names = self.step_sources()
-        return (f"the batch held {', '.join(names[:16])}{' ...' if len(names) > 16 else ''}. Training stopped "
-                "before the optimizer step; checkpoints already written are kept. Check these rows, or lower "
-                "train.learning_rate / set train.max_grad_norm")
+        held = f"the batch held {', '.join(names[:16])}{' ...' if len(names) > 16 else ''}. " if names else ""
+        return (f"{held}Training stopped before the optimizer step; checkpoints already written are kept. Check "
+                f"{'these rows' if names else 'the data'}, or lower train.learning_rate / set train.max_grad_norm")
 
     # Set by build_trainer: the output head runs only where a token is trained (methods that do not
     # change the sequence or add their own loss term: the LoRA family, IA3, full).

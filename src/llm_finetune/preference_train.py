@@ -1,0 +1,299 @@
+"""The preference recipe (train.objective dpo / kto / orpo / simpo): setup -> fit -> finish, as train.py, with
+TRL's trainer for the objective in place of the Trainer.
+
+    llm-finetune train --config config/dpo_config.json
+
+- `setup`: the config, the preference data (data/preference.py: validated, every problem named file:line), the
+  template on the tokenizer, the run folder locked (or the checkpoint to resume from), the model loaded and
+  wrapped for the method (method.init_adapter continues from an SFT adapter).
+- `fit`: TRL's trainer with this tool's engine mixed in (trainer.FinetuneTrainer: checkpoints renamed into place,
+  the NaN/inf stop, metrics.jsonl and TensorBoard, Ctrl-C / SIGTERM with a checkpoint, resume, the spike guard),
+  through train.train_to_the_end. The reference of DPO and KTO is the model with its adapter switched off: no
+  second copy (with method.init_adapter, TRL keeps a frozen copy of the SFT adapter as the reference, so the
+  reference is the SFT model). For full fine-tuning TRL scores the reference once before training
+  (precompute_ref_log_probs), while the weights are still the base's.
+- `finish`: the adapter folder (the objective in its manifest and card), then base vs tuned preference accuracy
+  on the held-out rows (evaluation/preference.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import ProgressCallback, set_seed
+
+from . import methods
+from .artifacts import PREFERENCE_REPORT, RUN_CONFIG, RUN_MANIFEST
+from .callbacks import NonFiniteGradientGuard, ProgressBar, training_callbacks
+from .config import RunConfig
+from .data.preference import prepare_preferences
+from .distributed import main_process_first, processes, wait_for_everyone
+from .errors import MethodError
+from .evaluation.preference import compare_preferences, format_preference_table
+from .evaluation.score import options_from_config
+from .hub import describe_adapter_folder
+from .manifest import atomic_dir, write_json
+from .models import default_threads, load_model, load_tokenizer, resolve_source, run_precision
+from .objectives import OBJECTIVES
+from .reference_cache import COLUMNS, ROW, ReferenceCache, cache_key
+from .resume import (
+    RunIdentityState,
+    RunLock,
+    StopOnSignal,
+    check_fresh_start,
+    remove_checkpoints,
+    resume_point,
+    run_identity,
+)
+from .saved_check import check_shapes
+from .train import Fit, RunResult, Setup, _manifest, setup_logging, train_to_the_end
+from .trainer import FinetuneTrainer, global_batch, trainer_options
+
+log = logging.getLogger("llm_finetune")
+
+
+def run(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = False,
+        overwrite: bool = False) -> RunResult:
+    """One preference-tuning run, as the config says (the arguments as train.run's)."""
+    prepared = setup(cfg, resume, allow_changed, overwrite)
+    fitted = fit(prepared)
+    return finish(prepared, fitted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool = False,
+          overwrite: bool = False) -> Setup:
+    started = time.time()
+    threads, why = (cfg.train.num_threads, "train.num_threads") if cfg.train.num_threads else default_threads()
+    torch.set_num_threads(threads)
+    cfg = cfg.resolved()
+    source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    with main_process_first():
+        data = prepare_preferences(cfg, tokenizer)
+    per_step = global_batch(cfg)
+    steps = cfg.train.max_steps or max(1, math.ceil(len(data.rows) * cfg.train.epochs / per_step))
+    method_notes = methods.preflight(cfg)
+    run = Setup(cfg, source, tokenizer, data, steps, methods.effective_quantization(cfg.method.name,
+                cfg.model.quantization), run_precision(cfg), options_from_config(cfg.eval), None, started=started,
+                identity=run_identity(cfg, data.fingerprints))
+    notes: list[str] = []
+    stale: list[Path] = []
+    if resume:
+        run.resume_from, notes = resume_point(Path(cfg.output.dir), resume, run.identity, allow_changed)
+    else:
+        stale = check_fresh_start(Path(cfg.output.dir), cfg.output.adapter_name, overwrite)
+    main = processes().is_main
+    run.lock = RunLock(Path(cfg.output.dir)).acquire() if main else None
+    try:
+        if main:
+            remove_checkpoints(stale)
+        wait_for_everyone()
+        run.log_path = setup_logging(Path(cfg.output.logs_dir), append=bool(resume), main=main)
+        o = OBJECTIVES[cfg.train.objective]
+        log.info("llm-finetune run: objective=%s (%s) method=%s model=%s", o.name, o.summary, cfg.method.name,
+                 source.hub_id or source.load_path)
+        for note in method_notes + notes:
+            log.info("note: %s", note)
+        s = data.train_stats
+        log.info("data: %d preference rows kept of %d read (%d dropped: too long or invalid), %d held out",
+                 s.kept, s.rows, s.skipped, len(data.eval_rows))
+        log.info("plan: %d steps of %d rows, learning rate %g, beta %g; threads %d (%s); dropout off while "
+                 "training (TRL's default: policy and reference score alike)", steps, per_step, cfg.learning_rate,
+                 _beta(cfg), threads, why)
+        log.info("precision: %s (model.dtype=%s)", run.precision.why, cfg.model.dtype)
+        set_seed(cfg.train.seed)
+        model = load_model(source, run.precision.load_name, run.quantization, cfg.model.trust_remote_code,
+                           cfg.model.revision, tokenizer=tokenizer, allow_pickle=cfg.model.allow_pickle)
+        run.model = methods.apply_method(model, cfg.method, total_steps=steps, tokenizer=tokenizer,
+                                         tokenizer_path=source.load_path,
+                                         gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                         trainable_token_indices=data.added_tokens or None,
+                                         allow_pickle=cfg.model.allow_pickle)
+        run.parameters = methods.count_parameters(run.model)
+    except BaseException:
+        if run.lock:
+            run.lock.release()
+        raise
+    return run
+
+
+def _beta(cfg: RunConfig) -> float:
+    return cfg.preference.beta if cfg.preference.beta is not None else OBJECTIVES[cfg.train.objective].beta
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit
+
+
+def _trl(objective: str):
+    """(trainer class, config class, options) for the objective: TRL's, imported only for a preference run."""
+    if objective == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer, DPOConfig
+    if objective == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        return KTOTrainer, KTOConfig
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # pinned (requirements.txt) and tested here
+    if objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer, ORPOConfig
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    return CPOTrainer, CPOConfig
+
+
+def objective_options(cfg: RunConfig) -> dict[str, Any]:
+    """TRL config keywords for the objective's preference.* options (their defaults filled in)."""
+    p, name = cfg.preference, cfg.train.objective
+    o = OBJECTIVES[name]
+    options: dict[str, Any] = {"beta": _beta(cfg), "max_length": cfg.data.max_length, "remove_unused_columns": False,
+                               "gradient_checkpointing": cfg.train.gradient_checkpointing}
+    if o.reference:  # scored once before training (reference_cache.py), not on every step
+        options["precompute_ref_log_probs"] = True
+    if name == "dpo":
+        options.update(loss_type=p.loss_type or o.loss_types[0], label_smoothing=p.label_smoothing)
+    elif name == "kto":
+        options.update(loss_type=p.loss_type or o.loss_types[0], desirable_weight=p.desirable_weight,
+                       undesirable_weight=p.undesirable_weight,
+                       train_sampling_strategy="sequential")  # TRL's KTO needs it; the rows are shuffled by seed
+    elif name == "simpo":
+        options.update(loss_type="simpo", simpo_gamma=p.simpo_gamma, cpo_alpha=0.0, label_smoothing=p.label_smoothing)
+    return options
+
+
+def build_preference_trainer(run: Setup, extra_callbacks: list) -> FinetuneTrainer:
+    cfg, data = run.cfg, run.data
+    o = OBJECTIVES[cfg.train.objective]
+    base, config_class = _trl(o.name)
+    has_eval = bool(cfg.train.eval_steps and data.eval_rows)
+    args = config_class(**{**trainer_options(cfg, run.steps, cfg.learning_rate, has_eval), **objective_options(cfg)})
+    if o.name == "kto" and cfg.train.batch_size < 2:
+        raise MethodError("train.objective=kto needs train.batch_size of 2 or more (its KL term pairs each prompt "
+                          "with another answer of the batch)")
+    train_rows = [r.trl_row(cfg.data.system_prompt) for r in data.rows]
+    eval_rows = [r.trl_row(cfg.data.system_prompt) for r in data.eval_rows] if has_eval else []
+    cache = cached = None
+    if o.reference and cfg.preference.cache_reference:
+        cache = ReferenceCache(*cache_key(cfg, run.source, run.tokenizer, run.precision, train_rows, eval_rows), o.name)
+        cached = cache.read()
+    train_dataset = Dataset.from_list([{**row, ROW: i} for i, row in enumerate(train_rows)])
+    eval_dataset = Dataset.from_list([{**row, ROW: i} for i, row in enumerate(eval_rows)]) if has_eval else None
+    if cached:
+        train_dataset = cache.attach(train_dataset, cached.get("train"))
+        eval_dataset = cache.attach(eval_dataset, cached.get("eval"))
+    # The engine (checkpoints, guards, resume) first in the method order, TRL's trainer for the loss and data;
+    # evaluation is TRL's (it computes the preference metrics on the eval rows).
+    trainer_class = type(f"{base.__name__}WithEngine", (FinetuneTrainer, base),
+                         {"evaluate": base.evaluate, "_precompute_ref_logps": _reference_from_cache(base, o.name)})
+    trainer = trainer_class(
+        model=run.model, args=args, processing_class=run.tokenizer, train_dataset=train_dataset,
+        eval_dataset=eval_dataset, callbacks=training_callbacks(cfg, run.model, Path(cfg.output.logs_dir),
+                                                                run.resume_from is not None) + extra_callbacks)
+    if cache and not cached and processes().is_main:
+        cache.write({"train": trainer.train_dataset, "eval": trainer.eval_dataset})
+    model = trainer.model
+    if "ref" in getattr(model, "peft_config", {}):
+        # TRL copies the adapter as it was before training to score the reference; those scores are taken
+        # (precompute_ref_log_probs), so the copy is dropped: not kept in memory, not saved.
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+    trainer.example_sources = [r.source for r in data.rows]
+    trainer.add_callback(NonFiniteGradientGuard(trainer))
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+    return trainer
+
+
+def _reference_from_cache(base, objective: str):
+    """TRL's reference pass, skipped for a dataset that already holds the scores (read from the cache)."""
+    def precompute(self, dataset, name, batch_size):
+        if objective in COLUMNS and COLUMNS[objective][0] in dataset.column_names:
+            return dataset
+        return base._precompute_ref_logps(self, dataset, name, batch_size)
+
+    return precompute
+
+
+def fit(run: Setup) -> Fit:
+    stop = StopOnSignal()
+    trainer = build_preference_trainer(run, [RunIdentityState(run.identity), stop])
+    return train_to_the_end(run, trainer, stop)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finish
+
+
+def finish(run: Setup, fitted: Fit) -> RunResult:
+    try:
+        return _save_and_evaluate(run, fitted)
+    finally:
+        if run.lock:
+            run.lock.release()
+
+
+def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
+    cfg, data = run.cfg, run.data
+    out_dir = Path(cfg.output.dir)
+    manifest = _manifest(run, fitted)
+    manifest["objective"] = {"name": cfg.train.objective, "beta": _beta(cfg), "options": objective_options(cfg)}
+    adapter_dir = out_dir / cfg.output.adapter_name
+    if not processes().is_main:
+        return RunResult(adapter_dir, manifest, None)
+    model = fitted.model
+    options: dict[str, Any] = {"save_embedding_layers": False} if data.added_tokens else {}
+    if hasattr(model, "peft_config"):
+        options["selected_adapters"] = ["default"]  # not TRL's reference copy (method.init_adapter)
+    with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
+        model.save_pretrained(tmp, **options)
+        run.tokenizer.save_pretrained(tmp)
+        manifest["saved_check"] = {"tensors": check_shapes(tmp, model, options), "sharded": False, "reload": None}
+        write_json(tmp / RUN_CONFIG, cfg.to_dict())
+        write_json(tmp / RUN_MANIFEST, manifest)
+        describe_adapter_folder(tmp)
+    log.info("adapter written to %s", adapter_dir)
+    report = None
+    if data.eval_rows:
+        base_model = None
+        if cfg.method.name == "full":  # the weights changed in place: the base is a fresh copy from disk
+            base_model = load_model(run.source, run.precision.load_name, "none", cfg.model.trust_remote_code,
+                                    cfg.model.revision, tokenizer=data.encoder.tokenizer)
+        base = (lambda: _switched_to(base_model)) if base_model is not None else model.disable_adapter
+        report = compare_preferences(model, data.encoder, data.eval_rows, _beta(cfg), base, cfg.eval.batch_size)
+        write_json(out_dir / PREFERENCE_REPORT, report)
+        write_json(adapter_dir / PREFERENCE_REPORT, report)
+        manifest["evaluation"] = report
+        log.info("preference evaluation on %d held-out pairs:\n%s", report["n"], format_preference_table(report))
+    manifest["wall_time_s"] = round(time.time() - run.started, 1)
+    write_json(adapter_dir / RUN_MANIFEST, manifest)
+    write_json(out_dir / RUN_MANIFEST, manifest)
+    log.info("run done: adapter in %s; wall time %.0f s", adapter_dir, manifest["wall_time_s"])
+    return RunResult(adapter_dir, manifest, report)
+
+
+class _switched_to:
+    """A context that scores another model (a separate base copy) in place of the tuned one."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc):
+        return False
+
