@@ -233,3 +233,16 @@ def test_reference_log_probs_are_cached_equal_fresh_ones_and_a_changed_template_
     build_tiny_llama(tmp_path / "other_model", build_tokenizer(tmp_path / "tok2"), seed=1)  # same shapes
     recipe.run(_cfg(data, tmp_path / "other_model", "dpo", "train.max_steps=2", name="model"))
     assert "not cached yet" in (data / "model" / "logs" / "training.log").read_text()
+
+
+@pytest.mark.parametrize("method", ["full", "ia3", "dora"])
+def test_dpo_trains_the_other_methods_too(data, tiny_model_dir, method):
+    """Full fine-tuning (its reference: the weights scored before the first step, the base reloaded for the
+    report), IA3 and DoRA under DPO: the preference accuracy on the training pairs moves."""
+    from llm_finetune.preference_train import run
+
+    lr, steps = {"full": ("1e-3", 16), "ia3": ("5e-1", 24), "dora": ("1e-2", 16)}[method]
+    result = run(_cfg(data, tiny_model_dir, "dpo", f"method.name={method}", f"train.max_steps={steps}",
+                      f"train.learning_rate={lr}", "eval.max_new_tokens=4", name=method))
+    report = result.report
+    assert report["tuned"]["preference_accuracy"] > report["base"]["preference_accuracy"] + 0.2, report

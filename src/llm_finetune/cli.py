@@ -61,8 +61,12 @@ def cmd_train(args) -> int:
     if result.report and cfg.train.objective != "sft":
         from .evaluation.preference import format_preference_table
 
+        from .evaluation.score import format_table
+
         print(f"\nBase vs tuned preference on {cfg.data.eval_file or 'the held-out rows'}:")
         print(format_preference_table(result.report))
+        print("\nAnswers generated for the held-out prompts (reference: the chosen answer):")
+        print(format_table(result.report["generation"]))
     elif result.report:
         from .evaluation.score import format_table
 

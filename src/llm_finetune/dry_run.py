@@ -24,6 +24,7 @@ from typing import Any
 from . import methods
 from .artifacts import RUN_MANIFEST, has_tokenizer, read_json
 from .config import RunConfig
+from .data.preference import prepare_preferences
 from .data.prepare import prepare_data
 from .data.records import load_examples
 from .errors import MethodError, ModelSourceError
@@ -164,8 +165,18 @@ def estimate(cfg: RunConfig, throughput: float | None = None, world_size: int | 
     tokens_note = ""
     mean_len = None
     if Path(cfg.data.train_file).is_file():
-        if tokenizer is not None:
-            data_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_file=None))
+        data_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_file=None))
+        if tokenizer is not None and cfg.train.objective != "sft":  # preference rows: both answers are computed
+            pref = prepare_preferences(data_cfg, tokenizer)
+            if cfg.data.max_train_examples:
+                pref.rows = pref.rows[: cfg.data.max_train_examples]
+            encode = pref.encoder.encode
+            tokens_per_epoch = sum(len(encode(e).input_ids) for r in pref.rows for e in (r.chosen, r.rejected) if e)
+            examples = len(pref.rows)
+            steps = cfg.train.max_steps or max(1, math.ceil(examples * cfg.train.epochs / (
+                cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world)))
+            tokens_note = f"train.objective={cfg.train.objective}: every answer with its prompt"
+        elif tokenizer is not None:
             data = prepare_data(data_cfg, tokenizer)
             tokens_per_epoch, examples = data.train_stats.tokens, len(data.train)
             steps = plan_steps(cfg, data, world)

@@ -162,9 +162,12 @@ def model_card(kind: str, repo_id: str | None, artifact: Path, manifest: dict, r
                      f"{f.get('lines')} lines, {f.get('bytes')} bytes")
     stats = data.get("train") or {}
     if stats:
-        lines.append(f"- examples kept: {stats.get('kept')} of {stats.get('examples')} ({stats.get('skipped')} skipped, "
-                     f"{stats.get('truncated')} truncated); {stats.get('tokens')} tokens, "
-                     f"{stats.get('trained_tokens')} trained")
+        if "rows" in stats:  # preference rows
+            lines.append(f"- preference rows kept: {stats['kept']} of {stats['rows']} ({stats.get('skipped')} dropped)")
+        else:
+            lines.append(f"- examples kept: {stats.get('kept')} of {stats.get('examples')} ({stats.get('skipped')} "
+                         f"skipped, {stats.get('truncated')} truncated); {stats.get('tokens')} tokens, "
+                         f"{stats.get('trained_tokens')} trained")
     if data.get("eval_file"):
         lines.append(f"- evaluation file: `{Path(data['eval_file'].get('path', '?')).name}`, sha256 "
                      f"`{data['eval_file'].get('sha256')}`, {data.get('eval_examples')} examples")
@@ -178,10 +181,14 @@ def model_card(kind: str, repo_id: str | None, artifact: Path, manifest: dict, r
               "total_parameters", "train_runtime_s"):
         if k in training:
             lines.append(f"- {k}: {training[k]}")
-    for k in ("batch_size", "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio", "weight_decay", "epochs",
-              "max_steps"):
+    for k in ("objective", "batch_size", "gradient_accumulation_steps", "lr_scheduler", "warmup_ratio",
+              "weight_decay", "epochs", "max_steps"):
         if k in train_cfg:
             lines.append(f"- {k}: {train_cfg[k]}")
+    if (manifest.get("objective") or {}).get("options"):  # a preference objective: what TRL was given
+        options = manifest["objective"]["options"]
+        lines.append("- preference: " + ", ".join(f"{k} {options[k]}" for k in sorted(options)
+                                                  if k not in ("max_length", "remove_unused_columns")))
     if manifest.get("versions"):
         v = manifest["versions"]
         lines.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft") if v.get(k)))

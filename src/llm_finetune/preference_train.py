@@ -37,7 +37,7 @@ from .data.preference import prepare_preferences
 from .distributed import main_process_first, processes, wait_for_everyone
 from .errors import MethodError
 from .evaluation.preference import compare_preferences, format_preference_table
-from .evaluation.score import options_from_config
+from .evaluation.score import compare_base_and_tuned, format_table, options_from_config
 from .hub import describe_adapter_folder
 from .manifest import atomic_dir, write_json
 from .models import default_threads, load_model, load_tokenizer, resolve_source, run_precision
@@ -267,17 +267,26 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
         describe_adapter_folder(tmp)
     log.info("adapter written to %s", adapter_dir)
     report = None
-    if data.eval_rows:
+    rows = data.eval_rows[:cfg.eval.max_examples] if cfg.eval.max_examples else data.eval_rows
+    if rows:
         base_model = None
         if cfg.method.name == "full":  # the weights changed in place: the base is a fresh copy from disk
             base_model = load_model(run.source, run.precision.load_name, "none", cfg.model.trust_remote_code,
                                     cfg.model.revision, tokenizer=data.encoder.tokenizer)
         base = (lambda: _switched_to(base_model)) if base_model is not None else model.disable_adapter
-        report = compare_preferences(model, data.encoder, data.eval_rows, _beta(cfg), base, cfg.eval.batch_size)
+        report = compare_preferences(model, data.encoder, rows, _beta(cfg), base, cfg.eval.batch_size)
+        log.info("preference evaluation on %d held-out pairs:\n%s", report["n"], format_preference_table(report))
+        # The task on generated answers: each held-out prompt answered by base and tuned, scored against the
+        # chosen answer (format accuracy, lengths, the headline metric), as the SFT report does.
+        examples = [r.chosen for r in rows]
+        generated = compare_base_and_tuned(model, data.encoder, examples, [data.encoder.encode(e) for e in examples],
+                                           options=run.eval_options, base_model=base_model)
+        report["generation"] = {k: v for k, v in generated.items() if k not in ("examples",)}
+        log.info("answers generated for the held-out prompts (reference: the chosen answer):\n%s",
+                 format_table(generated))
         write_json(out_dir / PREFERENCE_REPORT, report)
         write_json(adapter_dir / PREFERENCE_REPORT, report)
-        manifest["evaluation"] = report
-        log.info("preference evaluation on %d held-out pairs:\n%s", report["n"], format_preference_table(report))
+        manifest["evaluation"] = {k: v for k, v in report.items() if k != "generation"}
     manifest["wall_time_s"] = round(time.time() - run.started, 1)
     write_json(adapter_dir / RUN_MANIFEST, manifest)
     write_json(out_dir / RUN_MANIFEST, manifest)
