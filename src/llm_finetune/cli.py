@@ -60,7 +60,6 @@ def cmd_train(args) -> int:
         return 0
     if result.report and cfg.train.objective != "sft":
         from .evaluation.preference import format_preference_table
-
         from .evaluation.score import format_table
 
         print(f"\nBase vs tuned preference on {cfg.data.eval_file or 'the held-out rows'}:")
