@@ -34,7 +34,7 @@ from .artifacts import PREFERENCE_REPORT, RUN_CONFIG, RUN_MANIFEST
 from .callbacks import NonFiniteGradientGuard, ProgressBar, training_callbacks
 from .config import RunConfig
 from .data.preference import prepare_preferences
-from .distributed import main_process_first, processes, wait_for_everyone
+from .distributed import main_process_first, processes
 from .errors import MethodError
 from .evaluation.preference import compare_preferences, format_preference_table
 from .evaluation.score import compare_base_and_tuned, format_table, options_from_config
@@ -43,15 +43,7 @@ from .manifest import atomic_dir, write_json
 from .models import default_threads, load_model, load_tokenizer, resolve_source, run_precision
 from .objectives import OBJECTIVES
 from .reference_cache import COLUMNS, ROW, ReferenceCache, cache_key
-from .resume import (
-    RunIdentityState,
-    RunLock,
-    StopOnSignal,
-    check_fresh_start,
-    remove_checkpoints,
-    resume_point,
-    run_identity,
-)
+from .resume import RunIdentityState, StopOnSignal, claim_run_folder, run_identity
 from .saved_check import check_shapes
 from .train import Fit, RunResult, Setup, _manifest, setup_logging, train_to_the_end
 from .trainer import FinetuneTrainer, global_batch, trainer_options
@@ -87,19 +79,9 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
     run = Setup(cfg, source, tokenizer, data, steps, methods.effective_quantization(cfg.method.name,
                 cfg.model.quantization), run_precision(cfg), options_from_config(cfg.eval), None, started=started,
                 identity=run_identity(cfg, data.fingerprints))
-    notes: list[str] = []
-    stale: list[Path] = []
-    if resume:
-        run.resume_from, notes = resume_point(Path(cfg.output.dir), resume, run.identity, allow_changed)
-    else:
-        stale = check_fresh_start(Path(cfg.output.dir), cfg.output.adapter_name, overwrite)
-    main = processes().is_main
-    run.lock = RunLock(Path(cfg.output.dir)).acquire() if main else None
+    run.resume_from, run.lock, notes = claim_run_folder(cfg, run.identity, resume, allow_changed, overwrite)
     try:
-        if main:
-            remove_checkpoints(stale)
-        wait_for_everyone()
-        run.log_path = setup_logging(Path(cfg.output.logs_dir), append=bool(resume), main=main)
+        run.log_path = setup_logging(Path(cfg.output.logs_dir), append=bool(resume), main=processes().is_main)
         o = OBJECTIVES[cfg.train.objective]
         log.info("llm-finetune run: objective=%s (%s) method=%s model=%s", o.name, o.summary, cfg.method.name,
                  source.hub_id or source.load_path)

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from .artifacts import CHECKPOINT_STAGING, RUN_IDENTITY, RUN_LOCK, SPIKE_GUARD_STATE, read_json
 from .callbacks import CheckpointState, MetricsLogger
 from .config import RunConfig
-from .distributed import max_over_processes, processes
+from .distributed import max_over_processes, processes, wait_for_everyone
 from .errors import ConfigError, DiskFull, TrainingDiverged
 from .manifest import write_json
 
@@ -240,6 +240,33 @@ class RunLock:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
+
+
+def claim_run_folder(cfg, identity: dict, resume: str | bool | None, allow_changed: bool, overwrite: bool
+                     ) -> tuple[Path | None, RunLock | None, list[str]]:
+    """The run folder, before anything is written into it: the checkpoint to resume from, or a fresh start
+    checked; the folder locked by the main process (the first write); the checkpoints a fresh start replaces
+    and the staging folders of a save that was killed removed. Returns (checkpoint to resume from, the lock,
+    notes for the log); on a failure the lock is released."""
+    out_dir, notes, stale, resume_from = Path(cfg.output.dir), [], [], None
+    if resume:
+        resume_from, notes = resume_point(out_dir, resume, identity, allow_changed)
+    else:
+        stale = check_fresh_start(out_dir, cfg.output.adapter_name, overwrite)
+    main = processes().is_main  # several processes: only the main one writes into the run folder
+    lock = RunLock(out_dir).acquire() if main else None
+    try:
+        partial = partial_checkpoints(out_dir)
+        notes += [f"{p.name}: a checkpoint whose write never finished (the run was killed while saving); removed"
+                  for p in partial]
+        if main:
+            remove_checkpoints(stale + partial)
+        wait_for_everyone()
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    return resume_from, lock, notes
 
 
 class RunIdentityState(CheckpointState):

@@ -29,7 +29,7 @@ from .artifacts import RUN_CONFIG, RUN_MANIFEST
 from .attention import use_padding_free_attention
 from .config import RunConfig
 from .data.prepare import PreparedData, prepare_data
-from .distributed import launch_problems, main_process_first, processes, wait_for_everyone
+from .distributed import launch_problems, main_process_first, processes
 from .errors import ConfigError, DataError, MethodError, TrainingInterrupted
 from .evaluation.report import add_context, write_into_adapter, write_report
 from .evaluation.score import EvalOptions, compare_base_and_tuned, format_table, load_eval_set, options_from_config
@@ -43,11 +43,8 @@ from .resume import (
     RunLock,
     SpikeGuard,
     StopOnSignal,
-    check_fresh_start,
+    claim_run_folder,
     disk_full,
-    partial_checkpoints,
-    remove_checkpoints,
-    resume_point,
     run_identity,
 )
 from .saved_check import check_reload, check_shapes, fixed_batch_loss, full_state_dict, is_sharded, reload_saved
@@ -148,22 +145,8 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
     run = Setup(cfg, source, tokenizer, data, steps, methods.effective_quantization(cfg.method.name,
                 cfg.model.quantization), run_precision(cfg), eval_options, regression, started=started,
                 identity=run_identity(cfg, data.fingerprints))
-    resume_notes: list[str] = []
-    stale: list[Path] = []
-    if resume:
-        run.resume_from, resume_notes = resume_point(Path(cfg.output.dir), resume, run.identity, allow_changed)
-    else:
-        stale = check_fresh_start(Path(cfg.output.dir), cfg.output.adapter_name, overwrite)
-
-    main = processes().is_main  # several processes: only the main one writes into the run folder
-    run.lock = RunLock(Path(cfg.output.dir)).acquire() if main else None  # the first write into the run folder
+    run.resume_from, run.lock, resume_notes = claim_run_folder(cfg, run.identity, resume, allow_changed, overwrite)
     try:
-        partial = partial_checkpoints(Path(cfg.output.dir))
-        resume_notes += [f"{p.name}: a checkpoint whose write never finished (the run was killed while saving); "
-                         "removed" for p in partial]
-        if main:
-            remove_checkpoints(stale + partial)
-        wait_for_everyone()
         _log_and_load(run, bool(resume), resume_notes, method_notes, f"{threads} ({why})", packing_asked)
     except BaseException:
         if run.lock:
