@@ -25,6 +25,7 @@ ADALORA_STATE = "adalora_allocator.safetensors"  # in each AdaLoRA checkpoint: i
 SPIKE_GUARD_STATE = "spike_guard.json"  # in each checkpoint when train.spike_guard is on: its window, skips
 RUN_IDENTITY = "llm_finetune_run.json"  # in each training checkpoint: resolved config + data fingerprints
 PREFERENCE_REPORT = "preference_report.json"  # preference objectives: base vs tuned preference accuracy
+PREFERENCE_DATA = ".preference_data"  # in output.dir, several processes: the rows TRL prepares, shared
 # Weight files in Python's pickle format: loading one can run any code it holds.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 

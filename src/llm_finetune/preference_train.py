@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from transformers import ProgressCallback, set_seed
 
 from . import methods
-from .artifacts import PREFERENCE_REPORT, RUN_CONFIG, RUN_MANIFEST
+from .artifacts import PREFERENCE_DATA, PREFERENCE_REPORT, RUN_CONFIG, RUN_MANIFEST
 from .callbacks import NonFiniteGradientGuard, ProgressBar, training_callbacks
 from .config import RunConfig
 from .data.preference import prepare_preferences
@@ -177,6 +177,8 @@ def build_preference_trainer(run: Setup, extra_callbacks: list) -> FinetuneTrain
     if cached:
         train_dataset = cache.attach(train_dataset, cached.get("train"))
         eval_dataset = cache.attach(eval_dataset, cached.get("eval"))
+    if processes().world_size > 1:  # TRL's reference pass shares its result through the dataset's cache files
+        train_dataset, eval_dataset = _on_shared_disk(Path(cfg.output.dir), train_dataset, eval_dataset)
     # The engine (checkpoints, guards, resume) first in the method order, TRL's trainer for the loss and data;
     # evaluation is TRL's (it computes the preference metrics on the eval rows).
     trainer_class = type(f"{base.__name__}WithEngine", (FinetuneTrainer, base),
@@ -198,6 +200,20 @@ def build_preference_trainer(run: Setup, extra_callbacks: list) -> FinetuneTrain
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
     return trainer
+
+
+def _on_shared_disk(out_dir: Path, *datasets):
+    """Several processes: the datasets written by the main process under output.dir and read back by all, so
+    their cache files (where TRL's reference pass leaves its scores for the other processes) are shared; an
+    in-memory dataset keeps them in a temporary folder of each process."""
+    folder = out_dir / PREFERENCE_DATA
+    with main_process_first():
+        if processes().is_main:
+            for name, ds in zip(("train", "eval"), datasets):
+                if ds is not None:
+                    ds.save_to_disk(str(folder / name))
+    return tuple(load_from_disk(str(folder / name)) if ds is not None else None
+                 for name, ds in zip(("train", "eval"), datasets))
 
 
 def _reference_from_cache(base, objective: str):
