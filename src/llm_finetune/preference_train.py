@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +272,7 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
         if cfg.method.name == "full":  # the weights changed in place: the base is a fresh copy from disk
             base_model = load_model(run.source, run.precision.load_name, "none", cfg.model.trust_remote_code,
                                     cfg.model.revision, tokenizer=data.encoder.tokenizer)
-        base = (lambda: _switched_to(base_model)) if base_model is not None else model.disable_adapter
+        base = (lambda: nullcontext(base_model)) if base_model is not None else model.disable_adapter
         report = compare_preferences(model, data.encoder, rows, _beta(cfg), base, cfg.eval.batch_size)
         log.info("preference evaluation on %d held-out pairs:\n%s", report["n"], format_preference_table(report))
         # The task on generated answers: each held-out prompt answered by base and tuned, scored against the
@@ -290,17 +291,3 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
     write_json(out_dir / RUN_MANIFEST, manifest)
     log.info("run done: adapter in %s; wall time %.0f s", adapter_dir, manifest["wall_time_s"])
     return RunResult(adapter_dir, manifest, report)
-
-
-class _switched_to:
-    """A context that scores another model (a separate base copy) in place of the tuned one."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        return self.model
-
-    def __exit__(self, *exc):
-        return False
-
