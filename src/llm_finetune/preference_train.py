@@ -8,12 +8,13 @@ TRL's trainer for the objective in place of the Trainer.
   wrapped for the method (method.init_adapter continues from an SFT adapter).
 - `fit`: TRL's trainer with this tool's engine mixed in (trainer.FinetuneTrainer: checkpoints renamed into place,
   the NaN/inf stop, metrics.jsonl and TensorBoard, Ctrl-C / SIGTERM with a checkpoint, resume, the spike guard),
-  through train.train_to_the_end. The reference of DPO and KTO is the model with its adapter switched off: no
-  second copy (with method.init_adapter, TRL keeps a frozen copy of the SFT adapter as the reference, so the
-  reference is the SFT model). For full fine-tuning TRL scores the reference once before training
-  (precompute_ref_log_probs), while the weights are still the base's.
-- `finish`: the adapter folder (the objective in its manifest and card), then base vs tuned preference accuracy
-  on the held-out rows (evaluation/preference.py).
+  through train.train_to_the_end. The reference of DPO and KTO is the model before its first step (the base
+  for a fresh adapter, the SFT model with method.init_adapter, the base weights for full fine-tuning): TRL
+  scores it once before training (precompute_ref_log_probs) and the scores are cached on disk
+  (reference_cache.py); TRL's copy of the adapter is then dropped, so no second copy is kept or saved.
+- `finish`: the adapter folder, saved and checked as an SFT run's (train.save_adapter; the objective in its
+  manifest and card), then base vs tuned preference accuracy and the task on generated answers for the
+  held-out rows (evaluation/preference.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from datasets import Dataset, load_from_disk
 from transformers import ProgressCallback, set_seed
 
 from . import methods
-from .artifacts import PREFERENCE_DATA, PREFERENCE_REPORT, RUN_CONFIG, RUN_MANIFEST
+from .artifacts import PREFERENCE_DATA, PREFERENCE_REPORT, RUN_MANIFEST
 from .callbacks import NonFiniteGradientGuard, ProgressBar, training_callbacks
 from .config import RunConfig
 from .data.preference import prepare_preferences
@@ -39,14 +40,13 @@ from .distributed import main_process_first, processes
 from .errors import MethodError
 from .evaluation.preference import compare_preferences, format_preference_table
 from .evaluation.score import compare_base_and_tuned, format_table, options_from_config
-from .hub import describe_adapter_folder
-from .manifest import atomic_dir, write_json
+from .manifest import write_json
 from .models import default_threads, load_model, load_tokenizer, resolve_source, run_precision
 from .objectives import OBJECTIVES
 from .reference_cache import COLUMNS, ROW, ReferenceCache, cache_key
 from .resume import RunIdentityState, StopOnSignal, claim_run_folder, run_identity
-from .saved_check import check_shapes
-from .train import Fit, RunResult, Setup, _manifest, setup_logging, train_to_the_end
+from .saved_check import model_to_evaluate
+from .train import Fit, RunResult, Setup, _manifest, save_adapter, setup_logging, train_to_the_end
 from .trainer import FinetuneTrainer, global_batch, trainer_options
 
 log = logging.getLogger("llm_finetune")
@@ -182,8 +182,10 @@ def build_preference_trainer(run: Setup, extra_callbacks: list) -> FinetuneTrain
         train_dataset, eval_dataset = _on_shared_disk(Path(cfg.output.dir), train_dataset, eval_dataset)
     # The engine (checkpoints, guards, resume) first in the method order, TRL's trainer for the loss and data;
     # evaluation is TRL's (it computes the preference metrics on the eval rows).
-    trainer_class = type(f"{base.__name__}WithEngine", (FinetuneTrainer, base),
-                         {"evaluate": base.evaluate, "_precompute_ref_logps": _reference_from_cache(base, o.name)})
+    overrides = {"evaluate": base.evaluate}
+    if o.reference:
+        overrides["_precompute_ref_logps"] = _reference_from_cache(base, o.name)
+    trainer_class = type(f"{base.__name__}WithEngine", (FinetuneTrainer, base), overrides)
     trainer = trainer_class(
         model=run.model, args=args, processing_class=run.tokenizer, train_dataset=train_dataset,
         eval_dataset=eval_dataset, callbacks=training_callbacks(cfg, run.model, Path(cfg.output.logs_dir),
@@ -220,7 +222,7 @@ def _on_shared_disk(out_dir: Path, *datasets):
 def _reference_from_cache(base, objective: str):
     """TRL's reference pass, skipped for a dataset that already holds the scores (read from the cache)."""
     def precompute(self, dataset, name, batch_size):
-        if objective in COLUMNS and COLUMNS[objective][0] in dataset.column_names:
+        if COLUMNS[objective][0] in dataset.column_names:
             return dataset
         return base._precompute_ref_logps(self, dataset, name, batch_size)
 
@@ -253,21 +255,11 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
     adapter_dir = out_dir / cfg.output.adapter_name
     if not processes().is_main:
         return RunResult(adapter_dir, manifest, None)
-    model = fitted.model
-    options: dict[str, Any] = {"save_embedding_layers": False} if data.added_tokens else {}
-    if hasattr(model, "peft_config"):
-        options["selected_adapters"] = ["default"]  # not TRL's reference copy (method.init_adapter)
-    with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
-        model.save_pretrained(tmp, **options)
-        run.tokenizer.save_pretrained(tmp)
-        manifest["saved_check"] = {"tensors": check_shapes(tmp, model, options), "sharded": False, "reload": None}
-        write_json(tmp / RUN_CONFIG, cfg.to_dict())
-        write_json(tmp / RUN_MANIFEST, manifest)
-        describe_adapter_folder(tmp)
-    log.info("adapter written to %s", adapter_dir)
+    save_adapter(run, fitted, manifest)
     report = None
     rows = data.eval_rows[:cfg.eval.max_examples] if cfg.eval.max_examples else data.eval_rows
     if rows:
+        model = model_to_evaluate(run, fitted)
         base_model = None
         if cfg.method.name == "full":  # the weights changed in place: the base is a fresh copy from disk
             base_model = load_model(run.source, run.precision.load_name, "none", cfg.model.trust_remote_code,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,6 +134,20 @@ def reload_saved(folder: Path, cfg, source, dtype: str, quantization: str, token
     if torch.cuda.is_available() and quantization == "none":  # on the device that trained (quantised: placed by load)
         model.to(f"cuda:{processes().local_rank}")
     return model
+
+
+def reloader(run) -> Callable[[Path], Any]:
+    """Loads a saved folder of this run (train.Setup) as `eval` does: the base as trained, the adapter on top."""
+    return partial(reload_saved, cfg=run.cfg, source=run.source, dtype=run.precision.load_name,
+                   quantization=run.quantization, tokenizer=run.data.encoder.tokenizer)
+
+
+def model_to_evaluate(run, fitted):
+    """The tuned model the main process evaluates on its own: the trained one, or, where training was sharded
+    (each process holding a slice of it), the saved adapter loaded back from disk."""
+    if fitted.full_weights is None:
+        return fitted.model
+    return reloader(run)(Path(run.cfg.output.dir) / run.cfg.output.adapter_name)
 
 
 def check_reload(folder: Path, trained_loss: float, reload: Callable[[Path], Any], loss: Callable[[Any], float]

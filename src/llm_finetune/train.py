@@ -47,7 +47,7 @@ from .resume import (
     disk_full,
     run_identity,
 )
-from .saved_check import check_reload, check_shapes, fixed_batch_loss, full_state_dict, is_sharded, reload_saved
+from .saved_check import check_reload, check_shapes, fixed_batch_loss, full_state_dict, model_to_evaluate, reloader
 from .trainer import build_trainer, global_batch, mark_best_checkpoint, plan_steps
 
 log = logging.getLogger("llm_finetune")
@@ -288,11 +288,11 @@ def train_to_the_end(run: Setup, trainer, stop: StopOnSignal) -> Fit:
         raise
     finally:
         stop.restore()  # also when training raised: Ctrl-C is the default again
-    sharded = is_sharded(trainer.accelerator)
     fitted = Fit(trainer.accelerator.unwrap_model(trainer.model), trainer.state.global_step, output.training_loss,
                  int(trainer.state.num_input_tokens_seen), output.metrics["train_runtime"],
                  mark_best_checkpoint(trainer, Path(cfg.output.dir)), list(guard.skipped.values()) if guard else [],
                  full_weights=full_state_dict(trainer))  # every process takes part in gathering sharded weights
+    sharded = fitted.full_weights is not None
     if cfg.output.verify_reload == "always" or (cfg.output.verify_reload == "auto" and sharded):
         fitted.fixed_batch_loss = fixed_batch_loss(trainer.model, run.fixed_rows, run.tokenizer.pad_token_id)
     log.info("training done: %d steps, final loss %.4f, %d tokens seen, %.0f s", fitted.steps, fitted.final_loss,
@@ -333,32 +333,13 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
     out_dir = Path(cfg.output.dir)
     manifest = _manifest(run, fitted)
     adapter_dir = out_dir / cfg.output.adapter_name
-    reload = partial(reload_saved, cfg=cfg, source=run.source, dtype=run.precision.load_name,
-                     quantization=run.quantization, tokenizer=data.encoder.tokenizer)
     if not processes().is_main:  # the main process saves, evaluates and reports; the others are done
         return RunResult(adapter_dir, manifest, None)
-    with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
-        # Added tokens: only their trained rows are saved (PEFT's trainable tokens), not the whole
-        # resized embedding matrix PEFT would otherwise copy; `generate` resizes the base first.
-        options = {"save_embedding_layers": False} if data.added_tokens else {}
-        fitted.model.save_pretrained(tmp, **options, **({"state_dict": fitted.full_weights}
-                                                         if fitted.full_weights is not None else {}))
-        run.tokenizer.save_pretrained(tmp)
-        manifest["saved_check"] = {"tensors": check_shapes(tmp, fitted.model, options),
-                                   "sharded": fitted.full_weights is not None, "reload": None}
-        if fitted.fixed_batch_loss is not None:  # before the folder gets its name: a failure keeps the old one
-            loss = partial(fixed_batch_loss, rows=run.fixed_rows, pad_token_id=run.tokenizer.pad_token_id)
-            manifest["saved_check"]["reload"] = check_reload(tmp, fitted.fixed_batch_loss, reload, loss)
-        write_json(tmp / RUN_CONFIG, cfg.to_dict())
-        write_json(tmp / RUN_MANIFEST, manifest)
-        describe_adapter_folder(tmp)  # base named by its Hub id, our model card as README.md
-    write_json(out_dir / RUN_MANIFEST, manifest)
-    log.info("adapter written to %s", adapter_dir)
+    save_adapter(run, fitted, manifest)
 
     report = None
     if data.eval_pairs:
-        if fitted.full_weights is not None:  # sharded: the main process evaluates the saved adapter on its own
-            fitted.model = reload(adapter_dir)
+        fitted.model = model_to_evaluate(run, fitted)
         try:
             report = evaluate_run(run, fitted)
         except Exception:
@@ -376,6 +357,31 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
         write_adapter_card(adapter_dir)  # the card again, now with the evaluation table and final manifest
     log.info("run done: adapter in %s; log in %s; wall time %.0f s", adapter_dir, run.log_path, manifest["wall_time_s"])
     return RunResult(adapter_dir, manifest, report)
+
+
+def save_adapter(run: Setup, fitted: Fit, manifest: dict[str, Any]) -> None:
+    """The adapter folder (main process): the weights (gathered where training was sharded) shape-checked, and
+    reloaded and compared where output.verify_reload asks, then the tokenizer, config, manifest and card; it
+    replaces the old folder in one rename, so a failed check keeps the old one."""
+    cfg, data = run.cfg, run.data
+    adapter_dir = Path(cfg.output.dir) / cfg.output.adapter_name
+    with atomic_dir(adapter_dir, overwrite=cfg.output.overwrite) as tmp:
+        # Added tokens: only their trained rows are saved (PEFT's trainable tokens), not the whole
+        # resized embedding matrix PEFT would otherwise copy; `generate` resizes the base first.
+        options = {"save_embedding_layers": False} if data.added_tokens else {}
+        fitted.model.save_pretrained(tmp, **options, **({"state_dict": fitted.full_weights}
+                                                         if fitted.full_weights is not None else {}))
+        run.tokenizer.save_pretrained(tmp)
+        manifest["saved_check"] = {"tensors": check_shapes(tmp, fitted.model, options),
+                                   "sharded": fitted.full_weights is not None, "reload": None}
+        if fitted.fixed_batch_loss is not None:  # before the folder gets its name: a failure keeps the old one
+            loss = partial(fixed_batch_loss, rows=run.fixed_rows, pad_token_id=run.tokenizer.pad_token_id)
+            manifest["saved_check"]["reload"] = check_reload(tmp, fitted.fixed_batch_loss, reloader(run), loss)
+        write_json(tmp / RUN_CONFIG, cfg.to_dict())
+        write_json(tmp / RUN_MANIFEST, manifest)
+        describe_adapter_folder(tmp)  # base named by its Hub id, our model card as README.md
+    write_json(adapter_dir.parent / RUN_MANIFEST, manifest)
+    log.info("adapter written to %s", adapter_dir)
 
 
 def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:

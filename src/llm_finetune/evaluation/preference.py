@@ -33,31 +33,28 @@ def _pairs(rows: list[PreferenceRow]) -> list[tuple[Any, Any]]:
     return pairs
 
 
-def log_likelihoods(model, encoder: ChatEncoder, examples: list, batch_size: int) -> list[float]:
-    """Sum of log-probabilities of each example's trained tokens (its answer)."""
-    encoded = [encoder.encode(e) for e in examples]
-    usable = [e for e in encoded if isinstance(e, Encoded)]
-    if len(usable) != len(encoded):
-        raise ValueError("an answer did not fit data.max_length")
-    sums, _ = example_losses(model, usable, encoder.tokenizer.pad_token_id, batch_size)
-    return [-s for s in sums]
+def encoded_pairs(encoder: ChatEncoder, rows: list[PreferenceRow]) -> list[tuple[Encoded, Encoded]]:
+    """Each (better, worse) pair encoded once through the training template; pairs with an answer that does not
+    fit data.max_length are left out."""
+    pairs = [(encoder.encode(a), encoder.encode(b)) for a, b in _pairs(rows)]
+    return [(a, b) for a, b in pairs if isinstance(a, Encoded) and isinstance(b, Encoded)]
 
 
-def preference_scores(model, encoder: ChatEncoder, rows: list[PreferenceRow], batch_size: int = 8
+def preference_scores(model, pairs: list[tuple[Encoded, Encoded]], pad_token_id: int, batch_size: int = 8
                       ) -> dict[str, list[float]]:
-    pairs = [(a, b) for a, b in _pairs(rows)
-             if isinstance(encoder.encode(a), Encoded) and isinstance(encoder.encode(b), Encoded)]
-    better = log_likelihoods(model, encoder, [a for a, _ in pairs], batch_size)
-    worse = log_likelihoods(model, encoder, [b for _, b in pairs], batch_size)
-    return {"better": better, "worse": worse}
+    """Sum of log-probabilities of each answer's trained tokens, for the better and the worse answer of each pair."""
+    better, _ = example_losses(model, [a for a, _ in pairs], pad_token_id, batch_size)
+    worse, _ = example_losses(model, [b for _, b in pairs], pad_token_id, batch_size)
+    return {"better": [-s for s in better], "worse": [-s for s in worse]}
 
 
 def compare_preferences(model, encoder: ChatEncoder, rows: list[PreferenceRow], beta: float,
                         base: Callable[[], ContextManager] | None = None, batch_size: int = 8) -> dict[str, Any]:
     """Base (the model inside `base()`: the adapter switched off) vs tuned on the held-out preference rows."""
+    pairs, pad = encoded_pairs(encoder, rows), encoder.tokenizer.pad_token_id
     with (base or nullcontext)() as other:  # a context may yield another model to score (a separate base copy)
-        before = preference_scores(other if other is not None else model, encoder, rows, batch_size)
-    after = preference_scores(model, encoder, rows, batch_size)
+        before = preference_scores(other if other is not None else model, pairs, pad, batch_size)
+    after = preference_scores(model, pairs, pad, batch_size)
     n = len(after["better"])
     if not n:
         raise ValueError("no held-out pair to score (KTO: no prompt with both a desirable and an undesirable answer)")
