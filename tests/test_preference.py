@@ -165,9 +165,10 @@ def test_data_check_and_preview_read_preference_rows_when_the_objective_says_so(
     assert "pairs.jsonl:1" in out and "[chosen, " in out and "] good 0" in out and "[rejected, " in out
 
 
-def test_a_dpo_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(data, tiny_model_dir, monkeypatch):
-    """The engine's guarantees carry over to TRL's trainers: SIGTERM finishes the step and writes a checkpoint,
-    --resume continues to the adapter of a run never interrupted."""
+@pytest.mark.parametrize("objective", ["dpo", "kto", "orpo", "simpo"])
+def test_a_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(data, tiny_model_dir, monkeypatch, objective):
+    """The engine's guarantees carry over to TRL's trainers, for every objective: SIGTERM finishes the step and
+    writes a checkpoint, --resume continues to the adapter of a run never interrupted."""
     import os
     import signal
 
@@ -184,19 +185,50 @@ def test_a_dpo_run_stopped_by_sigterm_resumes_to_the_uninterrupted_adapter(data,
 
     build = recipe.build_preference_trainer
     monkeypatch.setattr(recipe, "build_preference_trainer", lambda run, extra: build(run, [*extra, SignalAt()]))
-    cfg = _cfg(data, tiny_model_dir, "dpo", "train.max_steps=6", "train.learning_rate=5e-3")
+    cfg = _cfg(data, tiny_model_dir, objective, "train.max_steps=6", "train.learning_rate=5e-3")
     with pytest.raises(TrainingInterrupted, match="after step 3 of 6"):
         recipe.run(cfg)
-    assert (data / "dpo" / "ck" / "checkpoint-3").is_dir()
+    assert (data / objective / "ck" / "checkpoint-3").is_dir()
     monkeypatch.setattr(recipe, "build_preference_trainer", build)
     resumed = recipe.run(cfg, resume=True)
-    never = recipe.run(_cfg(data, tiny_model_dir, "dpo", "train.max_steps=6", "train.learning_rate=5e-3",
+    never = recipe.run(_cfg(data, tiny_model_dir, objective, "train.max_steps=6", "train.learning_rate=5e-3",
                             name="never"))
     a = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     b = load_file(never.adapter_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto", "orpo", "simpo"])
+def test_a_nan_loss_stops_every_objective_before_the_optimizer_step(data, tiny_model_dir, monkeypatch, objective):
+    """The NaN guard holds under TRL's losses too: the run stops at that step naming its rows (file:line), the
+    checkpoint already written stays, and no adapter is written."""
+    import llm_finetune.preference_train as recipe
+    from llm_finetune.errors import TrainingDiverged
+    from llm_finetune.resume import checkpoint_problem
+
+    build = recipe.build_preference_trainer
+
+    def poisoned_at_step_3(run, extra):
+        trainer = build(run, extra)
+        compute = trainer.compute_loss
+
+        def poisoned(model, inputs, *a, **k):
+            loss = compute(model, inputs, *a, **k)
+            if trainer.state.global_step == 2:
+                return (loss[0] * float("nan"), *loss[1:]) if isinstance(loss, tuple) else loss * float("nan")
+            return loss
+
+        trainer.compute_loss = poisoned
+        return trainer
+
+    monkeypatch.setattr(recipe, "build_preference_trainer", poisoned_at_step_3)
+    with pytest.raises(TrainingDiverged, match=r"step 3: the loss is nan; the batch held .*pairs.jsonl:\d+"):
+        recipe.run(_cfg(data, tiny_model_dir, objective, "train.max_steps=6", "train.save_steps=2"))
+    ck = data / objective / "ck"
+    assert (ck / "checkpoint-2").is_dir() and checkpoint_problem(ck / "checkpoint-2") is None
+    assert not (ck / "adapter_model").exists()
 
 
 def test_reference_log_probs_are_cached_equal_fresh_ones_and_a_changed_template_or_model_misses(
@@ -235,13 +267,15 @@ def test_reference_log_probs_are_cached_equal_fresh_ones_and_a_changed_template_
     assert "not cached yet" in (data / "model" / "logs" / "training.log").read_text()
 
 
-@pytest.mark.parametrize("method", ["full", "ia3", "dora"])
+@pytest.mark.parametrize("method", ["full", "ia3", "dora", "qlora", "rslora"])
 def test_dpo_trains_the_other_methods_too(data, tiny_model_dir, method):
     """Full fine-tuning (its reference: the weights scored before the first step, the base reloaded for the
-    report), IA3 and DoRA under DPO: the preference accuracy on the training pairs moves."""
+    report), IA3, DoRA, QLoRA (a 4-bit base, its reference the same quantised weights) and rsLoRA under DPO: the
+    preference accuracy on the training pairs moves."""
     from llm_finetune.preference_train import run
 
-    lr, steps = {"full": ("1e-3", 16), "ia3": ("5e-1", 24), "dora": ("1e-2", 16)}[method]
+    lr, steps = {"full": ("1e-3", 16), "ia3": ("5e-1", 24), "dora": ("1e-2", 16), "qlora": ("1e-2", 16),
+                 "rslora": ("2.5e-3", 16)}[method]  # rsLoRA: alpha/sqrt(r), 4x LoRA's scale at r 16
     result = run(_cfg(data, tiny_model_dir, "dpo", f"method.name={method}", f"train.max_steps={steps}",
                       f"train.learning_rate={lr}", "eval.max_new_tokens=4", name=method))
     report = result.report

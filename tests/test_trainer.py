@@ -155,7 +155,17 @@ def _padded_batch():
 
 @pytest.mark.parametrize("name", ["lora", "ia3"])
 @pytest.mark.parametrize("num_items", [None, 13])
-def test_logits_where_trained_give_the_same_loss_and_gradients(tiny_model_dir, tmp_path, name, num_items):
+@pytest.mark.parametrize("chunked", [True, False], ids=["head-in-chunks", "head-in-one-piece"])
+def test_logits_where_trained_give_the_same_loss_and_gradients(tiny_model_dir, tmp_path, monkeypatch, name, num_items,
+                                                               chunked):
+    """The output head and loss only at trained positions equal the model's own loss and gradients: in chunks
+    (here 4 + 4 + 1 of the 9 trained tokens, the head module itself run on no position), or in one piece at
+    the 7 positions trained in some row (an architecture whose head is not a plain linear layer)."""
+    from llm_finetune import head_loss
+
+    monkeypatch.setattr(head_loss, "chunk_tokens", lambda vocabulary: 4)
+    if not chunked:
+        monkeypatch.setattr(head_loss, "PLAIN_HEAD", set())
     trainer, model = _lora_trainer(tiny_model_dir, tmp_path, name)
     model.train()
     batch = _padded_batch()
@@ -163,6 +173,10 @@ def test_logits_where_trained_give_the_same_loss_and_gradients(tiny_model_dir, t
 
     head_positions = []
     model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_positions.append(out.shape[1]))
+    chunks = []
+    real_apply = head_loss.ChunkedHeadCrossEntropy.apply
+    monkeypatch.setattr(head_loss.ChunkedHeadCrossEntropy, "apply",
+                        lambda hidden, *rest: chunks.append(hidden.shape[0]) or real_apply(hidden, *rest))
 
     def loss_and_grads(where_trained: bool):
         model.zero_grad()
@@ -173,12 +187,54 @@ def test_logits_where_trained_give_the_same_loss_and_gradients(tiny_model_dir, t
 
     full_loss, full_grads = loss_and_grads(False)  # the model's own loss: logits at every position
     kept_loss, kept_grads = loss_and_grads(True)
-    # positions 2..8 predict a trained token in some row: 7 of the 10 rows' positions reach the head
-    assert head_positions == [10, 7], head_positions
+    # positions 2..8 predict a trained token in some row (7 of 10); 5 + 4 tokens are trained
+    assert head_positions == ([10, 0] if chunked else [10, 7]), head_positions
+    assert chunks == ([9] if chunked else [])
     torch.testing.assert_close(kept_loss, full_loss, rtol=1e-6, atol=1e-6)
     assert full_grads.keys() == kept_grads.keys() and full_grads
     for k in full_grads:
         torch.testing.assert_close(kept_grads[k], full_grads[k], rtol=1e-5, atol=1e-7)
+
+
+def test_the_chunked_head_adds_no_error_under_bf16_autocast(tiny_model_dir, tmp_path, monkeypatch):
+    """A bf16 frozen base under autocast (what model.dtype=auto gives on a CPU with AVX512-BF16): against the
+    fp32 model's own gradients, the chunked head is as close as the one-piece head (bf16's rounding, not the
+    chunking, is the difference), and the losses agree."""
+    from llm_finetune import head_loss
+
+    monkeypatch.setattr(head_loss, "chunk_tokens", lambda vocabulary: 4)
+    trainer, model = _lora_trainer(tiny_model_dir, tmp_path)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)  # off zero, so lora_A has a gradient too
+    model.train()
+
+    def loss_and_grads(where_trained: bool, autocast: bool):
+        model.zero_grad()
+        trainer.logits_where_trained = where_trained
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = trainer.compute_loss(model, _padded_batch())
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    truth_loss, truth = loss_and_grads(False, autocast=False)  # fp32, the model's own loss
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    monkeypatch.setattr(head_loss, "PLAIN_HEAD", set())
+    one_loss, one = loss_and_grads(True, autocast=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(head_loss, "chunk_tokens", lambda vocabulary: 4)
+    chunked_loss, chunked = loss_and_grads(True, autocast=True)
+    torch.testing.assert_close(chunked_loss, one_loss, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(chunked_loss, truth_loss, rtol=2e-2, atol=1e-3)
+
+    def error(grads):  # the largest gradient error, relative to the parameter's largest true gradient
+        return max(float((grads[k] - truth[k]).abs().max() / truth[k].abs().max()) for k in truth)
+
+    assert error(chunked) <= 1.05 * error(one) + 1e-4, (error(chunked), error(one))
 
 
 def test_logits_where_trained_is_on_only_for_methods_that_keep_the_sequence(tiny_model_dir, tmp_path):

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import ADAPTER_CONFIG, RUN_CONFIG, RUN_MANIFEST, is_adapter_folder, is_model_folder, read_json
+from .artifacts import (
+    ADAPTER_CONFIG,
+    PREFERENCE_REPORT,
+    RUN_CONFIG,
+    RUN_MANIFEST,
+    is_adapter_folder,
+    is_model_folder,
+    read_json,
+)
 from .errors import HubError
 from .manifest import write_text
 from .methods import option_readers
@@ -76,13 +84,40 @@ def select_files(artifact: Path, kind: str) -> list[tuple[Path, str]]:
 def _provenance(artifact: Path, kind: str) -> tuple[dict, dict, dict, dict]:
     """(manifest, run config, eval report, merge info) from the artifact or, for a GGUF, nothing."""
     folder = artifact if artifact.is_dir() else artifact.parent
-    return (read_json(folder / RUN_MANIFEST) or {}, read_json(folder / RUN_CONFIG) or {},
-            read_json(folder / "eval_report.json") or {}, read_json(folder / "llm_finetune_merge.json") or {})
+    report = read_json(folder / "eval_report.json") or read_json(folder / PREFERENCE_REPORT) or {}
+    return (read_json(folder / RUN_MANIFEST) or {}, read_json(folder / RUN_CONFIG) or {}, report,
+            read_json(folder / "llm_finetune_merge.json") or {})
+
+
+def _preference_table(report: dict) -> str:
+    """A preference run's evaluation: accuracy on held-out pairs, the reward margin, the generated answers."""
+    def cell(side: dict) -> str:
+        return f"{side['preference_accuracy']:.1%} [{side['ci95'][0]:.1%}, {side['ci95'][1]:.1%}]"
+
+    d = report["difference"]
+    rows = [f"On {report['n']} held-out preference pairs (the chosen answer more likely than the rejected one):", "",
+            "| metric | base | tuned | tuned - base (95% CI) |", "|---|---|---|---|",
+            f"| preference accuracy | {cell(report['base'])} | {cell(report['tuned'])} | "
+            f"{d['preference_accuracy']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}] |"]
+    generated = report.get("generation") or {}
+    if "difference" in generated:
+        metric, g = generated["tuned"].get("metric"), generated["difference"]
+        rows.append(f"| {metric} of generated answers | {generated['base']['score']:.1%} | "
+                    f"{generated['tuned']['score']:.1%} | {g['score']:+.1%} "
+                    f"[{g['ci95'][0]:+.1%}, {g['ci95'][1]:+.1%}] |")
+        rows.append(f"| eval loss on the chosen answers | {generated['base']['eval_loss']:.4g} | "
+                    f"{generated['tuned']['eval_loss']:.4g} | {g['eval_loss']:+.3f} |")
+    margin = report["reward_margin"]
+    rows += ["", f"Mean reward margin of the tuned model against its reference: {margin['mean']:+.3f} "
+                 f"(beta {margin['beta']:g})."]
+    return "\n".join(rows)
 
 
 def _eval_table(report: dict) -> str:
     if not report or "tuned" not in report:
         return "No held-out evaluation was recorded for this run."
+    if "reward_margin" in report:
+        return _preference_table(report)
     metrics = [k for k in report["tuned"] if k != "n" and isinstance(report["tuned"][k], (int, float))]
     cols = [c for c in ("base", "tuned") if c in report]
     rows = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

@@ -39,7 +39,8 @@ from .data.preference import prepare_preferences
 from .distributed import main_process_first, processes
 from .errors import MethodError
 from .evaluation.preference import compare_preferences, format_preference_table
-from .evaluation.score import compare_base_and_tuned, format_table, options_from_config
+from .evaluation.score import compare_base_and_tuned, format_table, load_eval_set, options_from_config
+from .hub import write_adapter_card
 from .manifest import write_json
 from .models import default_threads, load_model, load_tokenizer, resolve_source, run_precision
 from .objectives import OBJECTIVES
@@ -77,8 +78,13 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
     per_step = global_batch(cfg)
     steps = cfg.train.max_steps or max(1, math.ceil(len(data.rows) * cfg.train.epochs / per_step))
     method_notes = methods.preflight(cfg)
+    # The regression set (general prompts with short answers, an SFT-style file) is checked before anything is
+    # written and scored base vs tuned with the held-out answers, as the SFT report does.
+    regression = (load_eval_set(cfg.eval.regression_file, data.encoder, "auto", on_error=cfg.data.on_error,
+                                roles=cfg.data.roles)
+                  if cfg.eval.regression_file and data.eval_rows else None)
     run = Setup(cfg, source, tokenizer, data, steps, methods.effective_quantization(cfg.method.name,
-                cfg.model.quantization), run_precision(cfg), options_from_config(cfg.eval), None, started=started,
+                cfg.model.quantization), run_precision(cfg), options_from_config(cfg.eval), regression, started=started,
                 identity=run_identity(cfg, data.fingerprints))
     run.resume_from, run.lock, notes = claim_run_folder(cfg, run.identity, resume, allow_changed, overwrite)
     try:
@@ -182,7 +188,7 @@ def build_preference_trainer(run: Setup, extra_callbacks: list) -> FinetuneTrain
         train_dataset, eval_dataset = _on_shared_disk(Path(cfg.output.dir), train_dataset, eval_dataset)
     # The engine (checkpoints, guards, resume) first in the method order, TRL's trainer for the loss and data;
     # evaluation is TRL's (it computes the preference metrics on the eval rows).
-    overrides = {"evaluate": base.evaluate}
+    overrides = {"evaluate": base.evaluate, "_track_num_input_tokens": _track_pair_tokens}
     if o.reference:
         overrides["_precompute_ref_logps"] = _reference_from_cache(base, o.name)
     trainer_class = type(f"{base.__name__}WithEngine", (FinetuneTrainer, base), overrides)
@@ -198,7 +204,8 @@ def build_preference_trainer(run: Setup, extra_callbacks: list) -> FinetuneTrain
         # (precompute_ref_log_probs), so the copy is dropped: not kept in memory, not saved.
         model.delete_adapter("ref")
         model.set_adapter("default")
-    trainer.example_sources = [r.source for r in data.rows]
+    trainer.example_sources = [r.source for r in data.rows]  # a stopped step names its rows (file:line)
+    trainer.example_column = ROW
     trainer.add_callback(NonFiniteGradientGuard(trainer))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
@@ -217,6 +224,16 @@ def _on_shared_disk(out_dir: Path, *datasets):
                     ds.save_to_disk(str(folder / name))
     return tuple(load_from_disk(str(folder / name)) if ds is not None else None
                  for name, ds in zip(("train", "eval"), datasets))
+
+
+def _track_pair_tokens(self, inputs) -> None:
+    """num_input_tokens_seen for ORPO / SimPO too, whose batches hold the chosen and rejected sides apart (no
+    `input_ids` for the stock count, which would log 0): the non-padding tokens of both sides."""
+    if "input_ids" in inputs or "chosen_attention_mask" not in inputs:
+        return FinetuneTrainer._track_num_input_tokens(self, inputs)
+    tokens = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+    tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+    self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
 
 def _reference_from_cache(base, objective: str):
@@ -271,15 +288,19 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
         # chosen answer (format accuracy, lengths, the headline metric), as the SFT report does.
         examples = [r.chosen for r in rows]
         generated = compare_base_and_tuned(model, data.encoder, examples, [data.encoder.encode(e) for e in examples],
-                                           options=run.eval_options, base_model=base_model)
-        report["generation"] = {k: v for k, v in generated.items() if k not in ("examples",)}
+                                           options=run.eval_options, regression=run.regression,
+                                           base_model=base_model)
+        report["generation"] = {k: v for k, v in generated.items() if k not in ("examples", "regression")}
+        if "regression" in generated:
+            report["regression"] = {k: v for k, v in generated["regression"].items() if k != "examples"}
         log.info("answers generated for the held-out prompts (reference: the chosen answer):\n%s",
                  format_table(generated))
         write_json(out_dir / PREFERENCE_REPORT, report)
         write_json(adapter_dir / PREFERENCE_REPORT, report)
-        manifest["evaluation"] = {k: v for k, v in report.items() if k != "generation"}
+        manifest["evaluation"] = {k: v for k, v in report.items() if k not in ("generation", "regression")}
     manifest["wall_time_s"] = round(time.time() - run.started, 1)
     write_json(adapter_dir / RUN_MANIFEST, manifest)
     write_json(out_dir / RUN_MANIFEST, manifest)
+    write_adapter_card(adapter_dir)  # the card again, now with the preference table and the final manifest
     log.info("run done: adapter in %s; wall time %.0f s", adapter_dir, manifest["wall_time_s"])
     return RunResult(adapter_dir, manifest, report)

@@ -2,6 +2,7 @@
 
 `build_trainer` is what the recipe (train.py) calls; everything here is the stock transformers
 `Trainer` plus what it lacks for this tool:
+- the loss is computed only where a token is trained, the output head in chunks (head_loss.py);
 - the in-training eval loss is token-weighted, the same quantity the final report shows (the stock
   one is a mean of per-batch means, so a batch of short answers counts as much as one of long ones);
 - AdaLoRA's orthogonality regulariser weighs the same whatever the gradient accumulation;
@@ -33,12 +34,13 @@ from .artifacts import CHECKPOINT_STAGING
 from .attention import use_padding_free_attention
 from .callbacks import CheckpointState, NonFiniteGradientGuard, ProgressBar, adalora_model, training_callbacks
 from .config import RunConfig
-from .data.collate import EXAMPLE_KEY, GlobalLengthGroupedSampler, PaddingCollator, PaddingFreeCollator
+from .data.collate import EXAMPLE_KEY, GlobalLengthGroupedSampler, NamingExamples, PaddingCollator, PaddingFreeCollator
 from .data.prepare import PreparedData
 from .data.tokenize import IGNORE_INDEX
 from .distributed import gather_from_processes, processes
 from .errors import MethodError
 from .evaluation.score import eval_loss
+from .head_loss import trained_tokens_loss
 from .manifest import publish_dir, write_json
 from .methods import METHODS, OPTIMIZERS
 from .models import run_precision
@@ -195,6 +197,19 @@ class FinetuneTrainer(Trainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
 
+    # Set by a recipe whose collator drops the example index (TRL's): the dataset column that holds it.
+    example_column: str | None = None
+
+    def get_train_dataloader(self):
+        if self.example_column is None:
+            return super().get_train_dataloader()
+        collate = self.data_collator
+        self.data_collator = NamingExamples(collate, self.example_column)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collate
+
     def _get_train_sampler(self, train_dataset=None):
         """train.group_by_length: grouped by the global batch, so any split of it trains the same examples."""
         if self.args.train_sampling_strategy != "group_by_length":
@@ -274,25 +289,16 @@ class FinetuneTrainer(Trainer):
             return self._model_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _loss_where_trained(self, model, inputs, num_items_in_batch):
-        """The causal-LM loss with the output head applied only at positions whose next token is trained.
-
-        The head is about a fifth of a small model's compute, and its (tokens x vocabulary) logits are the
-        largest activation; prompt tokens need neither. Same value as the model's own loss (sum of
-        cross-entropy over trained tokens / num_items_in_batch, or their mean), hence the same gradients."""
-        labels = inputs["labels"]
-        targets = labels[:, 1:]
-        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # positions trained in any row
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
-        logits = outputs.logits.float()
-        targets = targets[:, keep]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        """The causal-LM loss with the output head applied only at positions whose next token is trained, in
+        chunks (head_loss.py). Same value as the model's own loss (sum of cross-entropy over trained tokens /
+        num_items_in_batch, or their mean), hence the same gradients."""
         if num_items_in_batch is None:
-            return loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        loss = loss / num_items_in_batch
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales a model's own loss
-        return loss
+            scale = 1 / (inputs["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        else:
+            scale = 1 / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                scale = scale * self.accelerator.num_processes  # as Trainer.compute_loss scales the model's loss
+        return trained_tokens_loss(model, self.accelerator.unwrap_model(model), inputs, scale)
 
     def _model_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """AdaLoRA: PEFT adds `orth_reg_weight * R` to the loss of every forward pass (AdaLoraModel.forward).

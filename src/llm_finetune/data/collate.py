@@ -77,6 +77,20 @@ def _examples(features: list[dict]) -> dict[str, torch.Tensor]:
     return {EXAMPLE_KEY: torch.tensor([f["example"] for f in features])}
 
 
+class NamingExamples:
+    """Another collator, plus which training examples the batch holds (EXAMPLE_KEY) read from each feature's
+    `column`: for collators that keep only the keys they know (TRL's preference collators)."""
+
+    def __init__(self, collate, column: str):
+        self.collate, self.column = collate, column
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collate(features)
+        if features and self.column in features[0]:
+            batch[EXAMPLE_KEY] = torch.tensor([int(f[self.column]) for f in features])
+        return batch
+
+
 class GlobalLengthGroupedSampler(LengthGroupedSampler):
     """transformers' length grouping (shuffle, sort within mega-batches of similar length), grouped by the
     *global* batch (batch size x accumulation x processes) and seeded per epoch. The stock sampler groups by

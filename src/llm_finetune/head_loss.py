@@ -1,0 +1,98 @@
+"""The causal-LM loss computed only where a token is trained, with the output head run in chunks.
+
+The output head is about a fifth of a small model's compute, and its (tokens x vocabulary) logits are the
+largest activation of a training step: 49,152 floats per token for SmolLM2, kept for the backward pass in
+fp32 and again in the compute dtype. Prompt and padding positions need neither. So the model is run up to
+its final hidden states, the hidden states of the positions whose next token is trained are taken, and the
+head and cross-entropy run over them a chunk at a time: each chunk's logits live only while its loss and
+its gradient with respect to the hidden states are computed (the gradient kept for the backward pass is
+tokens x hidden, 85 times smaller here), as Liger-Kernel's fused linear cross-entropy does on GPUs.
+
+Same value and gradients as the model's own loss (tests/test_trainer.py): the sum of cross-entropy over the
+trained tokens. Used where the model's head is a plain frozen linear layer applied to the last hidden state
+(the architectures in PLAIN_HEAD; LoRA family and IA3 leave the head frozen); otherwise the head runs at the
+trained positions in one piece (`logits_to_keep`), which also applies a model's own logit scaling or
+soft-capping.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .data.tokenize import IGNORE_INDEX
+
+# Architectures whose causal-LM forward is exactly `lm_head(final hidden state)`: no logit scaling or
+# soft-capping, no auxiliary loss added to the model's own.
+PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "gemma"}
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32, about 340 tokens of a 49k vocabulary
+
+
+def trained_tokens_loss(model, unwrapped, inputs: dict, scale) -> torch.Tensor:
+    """The sum of cross-entropy over the trained tokens of a batch with `labels`, times `scale` (1 / the
+    tokens it is averaged over). The scale is applied before the gradients are rounded to the compute dtype,
+    where the unchunked computation applies it.
+
+    `model` is what the Trainer calls (it may be wrapped for several processes: the forward must go through
+    it), `unwrapped` the model inside."""
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    trained = targets != IGNORE_INDEX
+    rest = {k: v for k, v in inputs.items() if k != "labels"}
+    head = unwrapped.get_output_embeddings()
+    if _plain_head(unwrapped, head):
+        # The head on no position at all (an empty index): the model stops at its last hidden state.
+        nowhere = torch.zeros(0, dtype=torch.long, device=labels.device)
+        hidden = model(**rest, logits_to_keep=nowhere, output_hidden_states=True).hidden_states[-1]
+        selected = hidden[:, :-1][trained]
+        return ChunkedHeadCrossEntropy.apply(selected, head.weight, head.bias, targets[trained],
+                                             chunk_tokens(head.weight.shape[0]), scale)
+    keep = trained.any(dim=0).nonzero().squeeze(1)  # positions trained in any row
+    logits = model(**rest, logits_to_keep=keep).logits.float()
+    kept = targets[:, keep]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), kept.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss * scale
+
+
+def chunk_tokens(vocabulary: int) -> int:
+    return max(16, CHUNK_ELEMENTS // vocabulary)
+
+
+def _plain_head(unwrapped, head) -> bool:
+    config = getattr(unwrapped, "config", None)
+    return (getattr(config, "model_type", None) in PLAIN_HEAD and isinstance(head, torch.nn.Linear)
+            and not isinstance(head, BaseTunerLayer) and not head.weight.requires_grad
+            and (head.bias is None or not head.bias.requires_grad))
+
+
+class ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """scale x the sum over rows of cross_entropy(hidden @ weight.T + bias, targets), a chunk of rows at a
+    time, for a frozen head. The forward computes each chunk's gradient with respect to `hidden` while its logits exist
+    and keeps only that; the backward scales it. The matrix products run in the dtype the surrounding
+    autocast would give them (or the weight's), the softmax in fp32, as the unchunked computation does."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, scale):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                h, y = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
+                logits = torch.nn.functional.linear(h, w, b).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(y), device=y.device), y] -= 1  # d(cross-entropy)/d(logits)
+                grad_hidden[start:start + chunk] = (probs.mul_(scale).to(dtype) @ w).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
