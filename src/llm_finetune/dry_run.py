@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from .data.prepare import prepare_data
 from .data.records import load_examples
 from .errors import MethodError, ModelSourceError
 from .models import load_tokenizer, resolve_source, run_precision
-from .trainer import plan_steps
+from .trainer import epoch_steps, plan_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_CONFIGS = "config/model_configs"
@@ -173,8 +172,7 @@ def estimate(cfg: RunConfig, throughput: float | None = None, world_size: int | 
             encode = pref.encoder.encode
             tokens_per_epoch = sum(len(encode(e).input_ids) for r in pref.rows for e in (r.chosen, r.rejected) if e)
             examples = len(pref.rows)
-            steps = cfg.train.max_steps or max(1, math.ceil(examples * cfg.train.epochs / (
-                cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world)))
+            steps = cfg.train.max_steps or epoch_steps(cfg, examples, world)
             tokens_note = f"train.objective={cfg.train.objective}: every answer with its prompt"
         elif tokenizer is not None:
             data = prepare_data(data_cfg, tokenizer)
@@ -189,9 +187,7 @@ def estimate(cfg: RunConfig, throughput: float | None = None, world_size: int | 
             tokens_per_epoch = min(chars // 4, len(rows) * cfg.data.max_length)
             examples = len(rows)
             tokens_note = "approximate: no tokenizer offline, ~4 characters per token"
-            t = cfg.train
-            per_step = t.batch_size * t.gradient_accumulation_steps * world
-            steps = t.max_steps or max(1, math.ceil(examples * t.epochs / per_step))
+            steps = cfg.train.max_steps or epoch_steps(cfg, examples, world)
         mean_len = tokens_per_epoch / max(examples, 1)
         tokens_total = int(round(steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
                                  * mean_len))

@@ -20,7 +20,6 @@ TRL's trainer for the objective in place of the Trainer.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -48,7 +47,7 @@ from .reference_cache import COLUMNS, ROW, ReferenceCache, cache_key
 from .resume import RunIdentityState, StopOnSignal, claim_run_folder, run_identity
 from .saved_check import model_to_evaluate
 from .train import Fit, RunResult, Setup, _manifest, save_adapter, setup_logging, train_to_the_end
-from .trainer import FinetuneTrainer, global_batch, trainer_options
+from .trainer import FinetuneTrainer, epoch_steps, global_batch, trainer_options
 
 log = logging.getLogger("llm_finetune")
 
@@ -76,7 +75,7 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
     with main_process_first():
         data = prepare_preferences(cfg, tokenizer)
     per_step = global_batch(cfg)
-    steps = cfg.train.max_steps or max(1, math.ceil(len(data.rows) * cfg.train.epochs / per_step))
+    steps = cfg.train.max_steps or epoch_steps(cfg, len(data.rows))
     method_notes = methods.preflight(cfg)
     # The regression set (general prompts with short answers, an SFT-style file) is checked before anything is
     # written and scored base vs tuned with the held-out answers, as the SFT report does.
@@ -188,7 +187,7 @@ def build_preference_trainer(run: Setup, extra_callbacks: list) -> FinetuneTrain
         train_dataset, eval_dataset = _on_shared_disk(Path(cfg.output.dir), train_dataset, eval_dataset)
     # The engine (checkpoints, guards, resume) first in the method order, TRL's trainer for the loss and data;
     # evaluation is TRL's (it computes the preference metrics on the eval rows).
-    overrides = {"evaluate": base.evaluate, "_track_num_input_tokens": _track_pair_tokens}
+    overrides = {"evaluate": base.evaluate}
     if o.reference:
         overrides["_precompute_ref_logps"] = _reference_from_cache(base, o.name)
     trainer_class = type(f"{base.__name__}WithEngine", (FinetuneTrainer, base), overrides)
@@ -224,16 +223,6 @@ def _on_shared_disk(out_dir: Path, *datasets):
                     ds.save_to_disk(str(folder / name))
     return tuple(load_from_disk(str(folder / name)) if ds is not None else None
                  for name, ds in zip(("train", "eval"), datasets))
-
-
-def _track_pair_tokens(self, inputs) -> None:
-    """num_input_tokens_seen for ORPO / SimPO too, whose batches hold the chosen and rejected sides apart (no
-    `input_ids` for the stock count, which would log 0): the non-padding tokens of both sides."""
-    if "input_ids" in inputs or "chosen_attention_mask" not in inputs:
-        return FinetuneTrainer._track_num_input_tokens(self, inputs)
-    tokens = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
-    tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
-    self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
 
 def _reference_from_cache(base, objective: str):

@@ -69,7 +69,12 @@ def plan_steps(cfg: RunConfig, data: PreparedData, world_size: int | None = None
     if t.max_tokens:
         mean_len = data.train_stats.tokens / len(data.train)
         return max(1, math.ceil(t.max_tokens / (mean_len * per_step)))
-    return max(1, math.ceil(len(data.train) * t.epochs / per_step))
+    return epoch_steps(cfg, len(data.train), world_size)
+
+
+def epoch_steps(cfg: RunConfig, examples: int, world_size: int | None = None) -> int:
+    """Optimizer steps for `examples` rows over train.epochs."""
+    return max(1, math.ceil(examples * cfg.train.epochs / global_batch(cfg, world_size)))
 
 
 def warmup_step_count(ratio: float, steps: int) -> int:
@@ -234,10 +239,17 @@ class FinetuneTrainer(Trainer):
     def _track_num_input_tokens(self, inputs):
         """A padding-free batch has no padding (and no attention mask): every token counts. Stock
         counting would compare with the pad id, which a packed row holds as real text when the pad token
-        is also the end-of-turn token."""
-        if "cu_seq_lens_q" not in inputs or self.args.include_num_input_tokens_seen == "no":
+        is also the end-of-turn token. A batch of preference pairs held apart (TRL's ORPO / CPO batches: no
+        `input_ids`, for which the stock count logs 0): the non-padding tokens of both sides."""
+        if self.args.include_num_input_tokens_seen == "no":
             return super()._track_num_input_tokens(inputs)
-        tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
+        if "cu_seq_lens_q" in inputs:
+            tokens = inputs["input_ids"].numel()
+        elif "input_ids" not in inputs and "chosen_attention_mask" in inputs:
+            tokens = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
+        else:
+            return super()._track_num_input_tokens(inputs)
+        tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -69,12 +69,12 @@ class PaddingFreeCollator:
 EXAMPLE_KEY = "example_index"
 
 
-def _examples(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Which training examples the batch holds (the trainer takes it out before the forward pass, to
-    name them when a step goes wrong)."""
-    if "example" not in features[0]:
+def _examples(features: list[dict], column: str = "example") -> dict[str, torch.Tensor]:
+    """Which training examples the batch holds, from each feature's `column` (the trainer takes it out before
+    the forward pass, to name them when a step goes wrong)."""
+    if not features or column not in features[0]:
         return {}
-    return {EXAMPLE_KEY: torch.tensor([f["example"] for f in features])}
+    return {EXAMPLE_KEY: torch.tensor([int(f[column]) for f in features])}
 
 
 class NamingExamples:
@@ -86,8 +86,7 @@ class NamingExamples:
 
     def __call__(self, features: list[dict]) -> dict:
         batch = self.collate(features)
-        if features and self.column in features[0]:
-            batch[EXAMPLE_KEY] = torch.tensor([int(f[self.column]) for f in features])
+        batch.update(_examples(features, self.column))
         return batch
 
 
