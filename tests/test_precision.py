@@ -106,7 +106,7 @@ def test_cuda_run_loads_and_autocasts(monkeypatch, tmp_path, tiny_model_dir, met
     seen = {}
 
     def spy(source, dtype="auto", *a, **k):
-        seen["dtype"] = dtype
+        seen["dtype"] = dtype.load_name if isinstance(dtype, Precision) else dtype
         raise _Loaded
 
     monkeypatch.setattr(train, "load_model", spy)
@@ -162,7 +162,7 @@ def test_adapter_weights_are_fp32_on_a_bf16_base(tiny_model_dir, name):
 
 
 @pytest.mark.parametrize("fast,full,quantized,expected", [
-    (True, False, False, Precision(BF16, BF16)),  # adapter weights, gradients, optimizer state stay fp32 (PEFT)
+    (True, False, False, Precision(BF16, None, F32)),  # bf16 products; activations, adapter, optimizer fp32
     (True, True, False, Precision(F32, None)),  # weights trained in full stay fp32
     (True, False, True, Precision(F32, None)),  # a quantised base computes as bitsandbytes' CPU kernels do
     (False, False, False, Precision(F32, None)),  # no bf16 units: bf16 would be emulated, slower than fp32
@@ -201,7 +201,7 @@ def test_bf16_base_learns_as_fp32_does(monkeypatch, tmp_path, tiny_model_dir):
     fp32, p32 = losses("0", "fp32")
     bf16, p16 = losses("1", "bf16")
     assert p32["load"] == "float32" and p32["autocast"] is None
-    assert p16["load"] == "bfloat16" and p16["autocast"] == "bfloat16" and p16["why"]
+    assert p16["load"] == "bfloat16" and p16["activations"] == "float32" and p16["why"]
     assert len(fp32) == len(bf16) == 8 and fp32[-1] < fp32[0]
     for a, b in zip(fp32, bf16):
         assert abs(a - b) <= 0.01 * a, (fp32, bf16)
@@ -218,8 +218,7 @@ def test_a_bf16_base_keeps_no_fp32_copy_of_layer_inputs_for_backward(monkeypatch
     from llm_finetune.config import MethodConfig
     from llm_finetune.trainer import FinetuneTrainer, training_arguments
 
-    monkeypatch.setenv("LLM_FINETUNE_CPU_BF16", "1")
-    cfg = _cfg(tmp_path, tiny_model_dir, f"method.name={name}")
+    cfg = _cfg(tmp_path, tiny_model_dir, f"method.name={name}", "model.dtype=bfloat16")  # the all-bf16 forward
     model = methods.apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=BF16),
                                  MethodConfig(name=name, dropout=0.0), total_steps=10)
     trainer = FinetuneTrainer(model=model, args=training_arguments(cfg, 10, 1e-3))
@@ -249,6 +248,29 @@ def test_every_adapter_method_trains_on_the_bf16_base(monkeypatch, tmp_path, tin
     options = ["method.num_virtual_tokens=4"] if name.endswith("tuning") else []
     result = run(_cfg(tmp_path, tiny_model_dir, f"method.name={name}", *options, "train.max_steps=3",
                       "train.logging_steps=1", "data.eval_file=null"))
-    assert result.manifest["precision"]["autocast"] == "bfloat16"
+    assert result.manifest["precision"]["load"] == "bfloat16"
+    assert result.manifest["precision"]["activations"] == "float32"
     losses = [json.loads(line).get("loss") for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [x for x in losses if x is not None] and all(math.isfinite(x) for x in losses if x is not None)
+
+
+def test_a_bf16_base_keeps_fp32_activations(tiny_model_dir):
+    """The precision `auto` picks on a CPU with bf16 units: the base's matrices stay bf16 and multiply in bf16,
+    everything between them is fp32 (models.keep_activations_fp32), with or without autocast. (That this learns
+    as fp32 does, where the all-bf16 forward does not, is shown on the real model: test_default_model.py.)"""
+    from llm_finetune.models import load_model
+
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 11, 64, 9, 8, 7, 6, 31, 30, 2, 1]])
+    kept = load_model(str(tiny_model_dir), Precision(BF16, None, F32)).eval()
+    assert kept.model.layers[0].mlp.down_proj.weight.dtype == BF16 and kept.model.embed_tokens.weight.dtype == BF16
+    assert kept.model.norm.weight.dtype == F32 and kept.model.layers[0].input_layernorm.weight.dtype == F32
+    products = []
+    kept.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, args, out: products.append(args[0].dtype))
+    with torch.no_grad():
+        out = kept(input_ids=ids, output_hidden_states=True)
+        with torch.autocast("cpu", dtype=BF16):
+            assert kept(input_ids=ids).logits.dtype == F32
+        fp32 = load_model(str(tiny_model_dir), "float32")(input_ids=ids).logits
+    assert products[0] == BF16  # the product's input, as the matrix multiplies it
+    assert all(h.dtype == F32 for h in out.hidden_states[1:]) and out.logits.dtype == F32
+    assert (out.logits - fp32).norm() / fp32.norm() < 0.02  # bf16 weights and products: 2^-8 relative rounding

@@ -41,8 +41,10 @@ class ModelConfig:
     gguf_file: str | None = _f(None, "GGUF file name inside name_or_path, when that is a folder or Hub id.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", "Weights dtype: auto = bf16 on GPUs that support it; on a CPU with AMX or AVX512-BF16 a frozen base "
-        "is stored in bf16 (the adapter and its optimizer state stay float32), on other CPUs float32. Weights "
-        "trained in full (method full, modules_to_save) stay float32 and this dtype is the autocast compute dtype."
+        "is stored in bf16 and its matrix products run in bf16, with activations, the adapter and its optimizer "
+        "state in float32 (learns as float32 does); on other CPUs float32. bfloat16 on a CPU: the all-bf16 forward "
+        "under autocast (less memory, learns less like float32). Weights trained in full (method full, "
+        "modules_to_save) stay float32 and this dtype is the autocast compute dtype."
     )
     quantization: Literal["none", "8bit", "4bit"] = _f("none", "Load the frozen base quantised (bitsandbytes).")
     trust_remote_code: bool = _f(False, "Allow model code from the Hub repository.")

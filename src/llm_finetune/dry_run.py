@@ -150,7 +150,8 @@ def estimate(cfg: RunConfig, throughput: float | None = None, world_size: int | 
 
     config, config_source, tok_path = architecture_config(cfg)
     quant = methods.effective_quantization(cfg.method.name, cfg.model.quantization)
-    dtype = run_precision(cfg).load  # as the run would load it (fp32 where weights train in full)
+    precision = run_precision(cfg)
+    dtype = precision.load  # as the run would load it (fp32 where weights train in full)
     dtype_name = str(dtype).replace("torch.", "")
     wbytes = DTYPE_BYTES[dtype_name]
     notes: list[str] = []
@@ -225,7 +226,8 @@ def estimate(cfg: RunConfig, throughput: float | None = None, world_size: int | 
     hidden, layers, vocab = _hidden_layers_vocab(config)
     seq = cfg.data.max_length  # a batch holding one longest example pads every row to it
     tokens_in_batch = cfg.train.batch_size * seq
-    act_scale = wbytes / 2  # the estimate is for 16-bit activations
+    # The estimate is for 16-bit activations; a half base keeping fp32 activations (keep_activations_fp32) counts 4.
+    act_scale = DTYPE_BYTES[precision.to_dict()["activations"]] / 2
     per_layer_full = 34 * tokens_in_batch * hidden * act_scale  # attention scores excluded (SDPA kernels)
     if cfg.train.gradient_checkpointing:
         activations = layers * 2 * tokens_in_batch * hidden * act_scale + per_layer_full

@@ -101,7 +101,7 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
                  _beta(cfg), threads, why)
         log.info("precision: %s (model.dtype=%s)", run.precision.why, cfg.model.dtype)
         set_seed(cfg.train.seed)
-        model = load_model(source, run.precision.load_name, run.quantization, cfg.model.trust_remote_code,
+        model = load_model(source, run.precision, run.quantization, cfg.model.trust_remote_code,
                            cfg.model.revision, tokenizer=tokenizer, allow_pickle=cfg.model.allow_pickle)
         run.model = methods.apply_method(model, cfg.method, total_steps=steps, tokenizer=tokenizer,
                                          tokenizer_path=source.load_path,
@@ -268,7 +268,7 @@ def _save_and_evaluate(run: Setup, fitted: Fit) -> RunResult:
         model = model_to_evaluate(run, fitted)
         base_model = None
         if cfg.method.name == "full":  # the weights changed in place: the base is a fresh copy from disk
-            base_model = load_model(run.source, run.precision.load_name, "none", cfg.model.trust_remote_code,
+            base_model = load_model(run.source, run.precision, "none", cfg.model.trust_remote_code,
                                     cfg.model.revision, tokenizer=data.encoder.tokenizer)
         base = (lambda: nullcontext(base_model)) if base_model is not None else model.disable_adapter
         report = compare_preferences(model, data.encoder, rows, _beta(cfg), base, cfg.eval.batch_size)

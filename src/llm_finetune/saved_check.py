@@ -120,7 +120,7 @@ def fixed_batch_loss(model, rows: list, pad_token_id: int) -> float:
     return eval_loss(model, rows, pad_token_id, batch_size=len(rows))["loss"]
 
 
-def reload_saved(folder: Path, cfg, source, dtype: str, quantization: str, tokenizer):
+def reload_saved(folder: Path, cfg, source, dtype, quantization: str, tokenizer):
     """The saved folder loaded from disk as `eval` loads it: the base as trained (precision, quantisation) with
     the adapter on top; for full fine-tuning, the saved model itself."""
     if cfg.method.name == "full":
@@ -138,7 +138,7 @@ def reload_saved(folder: Path, cfg, source, dtype: str, quantization: str, token
 
 def reloader(run) -> Callable[[Path], Any]:
     """Loads a saved folder of this run (train.Setup) as `eval` does: the base as trained, the adapter on top."""
-    return partial(reload_saved, cfg=run.cfg, source=run.source, dtype=run.precision.load_name,
+    return partial(reload_saved, cfg=run.cfg, source=run.source, dtype=run.precision,
                    quantization=run.quantization, tokenizer=run.data.encoder.tokenizer)
 
 

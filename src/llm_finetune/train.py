@@ -169,7 +169,7 @@ def _log_and_load(run: Setup, resuming: bool, resume_notes: list[str], method_no
     log.info("threads: %s", threads)
 
     set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
-    model = load_model(source, run.precision.load_name, run.quantization, cfg.model.trust_remote_code,
+    model = load_model(source, run.precision, run.quantization, cfg.model.trust_remote_code,
                        cfg.model.revision, tokenizer=tokenizer,  # fp32 where weights train in full
                        allow_pickle=cfg.model.allow_pickle)
     run.model = methods.apply_method(model, cfg.method, total_steps=steps, tokenizer=tokenizer,
@@ -420,7 +420,7 @@ def evaluate_run(run: Setup, fitted: Fit) -> dict[str, Any]:
     if cfg.method.name == "full" and e.compare_base:
         # Full fine-tuning changed the weights in place: the base is a fresh copy from disk, loaded as
         # the tuned model was (fp32 master weights), so both sides of the table compute in one precision.
-        base_model = load_model(run.source, run.precision.load_name, "none", cfg.model.trust_remote_code,
+        base_model = load_model(run.source, run.precision, "none", cfg.model.trust_remote_code,
                                 cfg.model.revision, tokenizer=data.encoder.tokenizer,
                                 allow_pickle=cfg.model.allow_pickle)
     examples = [ex for ex, _ in data.eval_pairs]

@@ -145,7 +145,7 @@ def run_eval(cfg: RunConfig, adapters: list[str] | None = None, against: str | N
     regression = (load_eval_set(cfg.eval.regression_file, encoder, d.format, on_error=d.on_error, roles=d.roles)
                   if cfg.eval.regression_file else None)
 
-    model = load_model(source, run_precision(cfg).load_name, cfg.model.quantization, cfg.model.trust_remote_code,
+    model = load_model(source, run_precision(cfg), cfg.model.quantization, cfg.model.trust_remote_code,
                        cfg.model.revision, tokenizer=tokenizer, allow_pickle=cfg.model.allow_pickle)
     with_adapter = [s for s in sides if s.adapter]
     model = PeftModel.from_pretrained(model, with_adapter[0].adapter, adapter_name=with_adapter[0].name)
