@@ -404,9 +404,7 @@ def _inputs_to_weight_dtype(module, args):
 
 
 def _output_to_fp32(module, args, output):
-    import torch
-
-    return output.float() if output.dtype != torch.float32 else None
+    return output.float()  # the tensor itself where it is fp32 already
 
 
 # ---------------------------------------------------------------------------------------------
