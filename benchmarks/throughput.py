@@ -161,7 +161,8 @@ def child_llm_finetune(data: Path, steps: int, work: Path, record: list, compile
     ])
     result = run(cfg)
     stats = result.manifest["data"]["train"]
-    return {"precision": result.manifest.get("precision"), "trained_share": stats["trained_tokens"] / stats["tokens"]}
+    return {"precision": result.manifest.get("precision"), "memory": result.manifest.get("memory"),
+            "trained_share": stats["trained_tokens"] / stats["tokens"]}
 
 
 def child_trl(system: str, data: Path, steps: int, work: Path, record: list) -> dict:
@@ -279,6 +280,8 @@ def main() -> None:
         "learning_rate": LR, "measured_steps": args.steps}, "data": {k: v[1] for k, v in datasets.items()}, "runs": []}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("LLM_FINETUNE_CPU_BF16", None)  # the product's own decision
+    for name in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):  # set here by importing
+        env.pop(name, None)  # llm_finetune for the data; each child makes (or not) its own allocator choice
     for repeat in range(args.repeats):
         for name, (path, _) in datasets.items():
             for system in args.systems.split(","):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -50,6 +52,13 @@ def test_train_then_generate_in_process(tiny_project, capsys):
     assert captured.out.endswith("\n") and "error" not in captured.err
 
 
+def _kernel_thp() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "[never]"
+
+
 def test_train_as_subprocess(tiny_project):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "llm_finetune", "train", "--config", str(tiny_project / "config.json"),
@@ -58,6 +67,13 @@ def test_train_as_subprocess(tiny_project):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tiny_project / "checkpoints" / "adapter_model" / "adapter_model.safetensors").is_file()
     assert "train:" in proc.stderr  # the progress bar
+    # The command imports the package before torch, so a CPU run gets large tensors in huge-page mappings
+    # (cpu_memory.py), says so in the log and records it in the manifest.
+    memory = json.loads((tiny_project / "checkpoints" / "run_manifest.json").read_text())["memory"]
+    if platform.libc_ver()[0] == "glibc" and "[never]" not in _kernel_thp() and "MALLOC_MMAP_THRESHOLD_" not in env:
+        assert memory == {"mmap_threshold": 2 << 20, "huge_pages": "THP_MEM_ALLOC_ENABLE=1"}
+        assert "memory: tensors of 2 MiB or more in their own huge-page mappings" in (
+            tiny_project / "logs" / "training.log").read_text()
     # And the installed console script exists and answers.
     exe = os.path.join(os.path.dirname(sys.executable), "llm-finetune")
     if os.path.exists(exe):

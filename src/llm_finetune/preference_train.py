@@ -30,7 +30,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import ProgressCallback, set_seed
 
-from . import methods
+from . import cpu_memory, methods
 from .artifacts import PREFERENCE_DATA, PREFERENCE_REPORT, RUN_MANIFEST
 from .callbacks import NonFiniteGradientGuard, ProgressBar, training_callbacks
 from .config import RunConfig
@@ -69,6 +69,7 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
     started = time.time()
     threads, why = (cfg.train.num_threads, "train.num_threads") if cfg.train.num_threads else default_threads()
     torch.set_num_threads(threads)
+    memory = cpu_memory.tune_for_this_run()
     cfg = cfg.resolved()
     source = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
@@ -84,7 +85,7 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
                   if cfg.eval.regression_file and data.eval_rows else None)
     run = Setup(cfg, source, tokenizer, data, steps, methods.effective_quantization(cfg.method.name,
                 cfg.model.quantization), run_precision(cfg), options_from_config(cfg.eval), regression, started=started,
-                identity=run_identity(cfg, data.fingerprints))
+                identity=run_identity(cfg, data.fingerprints), memory=memory)
     run.resume_from, run.lock, notes = claim_run_folder(cfg, run.identity, resume, allow_changed, overwrite)
     try:
         run.log_path = setup_logging(Path(cfg.output.logs_dir), append=bool(resume), main=processes().is_main)
@@ -100,6 +101,7 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
                  "training (TRL's default: policy and reference score alike)", steps, per_step, cfg.learning_rate,
                  _beta(cfg), threads, why)
         log.info("precision: %s (model.dtype=%s)", run.precision.why, cfg.model.dtype)
+        log.info("memory: %s", cpu_memory.describe(run.memory))
         set_seed(cfg.train.seed)
         model = load_model(source, run.precision, run.quantization, cfg.model.trust_remote_code,
                            cfg.model.revision, tokenizer=tokenizer, allow_pickle=cfg.model.allow_pickle)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from . import methods
+from . import cpu_memory, methods
 from .artifacts import RUN_CONFIG, RUN_MANIFEST
 from .attention import use_padding_free_attention
 from .config import RunConfig
@@ -73,6 +73,7 @@ class Setup:
     identity: dict[str, Any] | None = None  # resolved config + data fingerprints, written into every checkpoint
     resume_from: Path | None = None  # the checkpoint to continue from (--resume)
     lock: RunLock | None = None  # held on output.dir from setup to the end of finish (or a failure)
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)  # the allocator settings (cpu_memory.py)
 
     @property
     def fixed_rows(self) -> list:
@@ -124,6 +125,7 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
         raise ConfigError(f"train.objective={cfg.train.objective}: train with preference_train.run, not train.run")
     threads, why = (cfg.train.num_threads, "train.num_threads") if cfg.train.num_threads else default_threads()
     torch.set_num_threads(threads)
+    memory = cpu_memory.tune_for_this_run()
     packing_asked = cfg.train.packing  # true, false, or null: where the method and the model can
     cfg = cfg.resolved()
 
@@ -144,7 +146,7 @@ def setup(cfg: RunConfig, resume: str | bool | None = None, allow_changed: bool 
                   if cfg.eval.regression_file and data.eval_pairs else None)
     run = Setup(cfg, source, tokenizer, data, steps, methods.effective_quantization(cfg.method.name,
                 cfg.model.quantization), run_precision(cfg), eval_options, regression, started=started,
-                identity=run_identity(cfg, data.fingerprints))
+                identity=run_identity(cfg, data.fingerprints), memory=memory)
     run.resume_from, run.lock, resume_notes = claim_run_folder(cfg, run.identity, resume, allow_changed, overwrite)
     try:
         _log_and_load(run, bool(resume), resume_notes, method_notes, f"{threads} ({why})", packing_asked)
@@ -167,6 +169,7 @@ def _log_and_load(run: Setup, resuming: bool, resume_notes: list[str], method_no
     if run.resume_from:
         log.info("resume: continuing from %s", run.resume_from)
     log.info("threads: %s", threads)
+    log.info("memory: %s", cpu_memory.describe(run.memory))
 
     set_seed(cfg.train.seed)  # adapter initialisation is part of the run's reproducible state
     model = load_model(source, run.precision, run.quantization, cfg.model.trust_remote_code,
@@ -393,6 +396,7 @@ def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:
         "method": cfg.method.name,
         "quantization": run.quantization,
         "precision": run.precision.to_dict(),
+        "memory": run.memory,
         "merge": methods.METHODS[cfg.method.name].merge,
         "model": run.source.to_dict(),
         "data": {**data.fingerprints, "train": data.train_stats.to_dict(), "eval_examples": len(data.eval),
