@@ -158,6 +158,7 @@ def main() -> None:
     encodings.write_text(json.dumps(encode(train, eval_file, args.steps)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("LLM_FINETUNE_CPU_BF16", None)
+    env.pop("THP_MEM_ALLOC_ENABLE", None)  # set here by importing llm_finetune for the data; each child decides
     results = {}
     systems = ["trl-fp32", *[x for x in args.systems.split(",") if x != "trl-fp32"]]
     for system in systems:

@@ -110,6 +110,17 @@ def _tune() -> dict:
     return {"mmap_threshold": MMAP_THRESHOLD, "huge_pages": why}
 
 
+def peak_rss_gb() -> float | None:
+    """This process's peak resident memory so far, in GB (what `/usr/bin/time -v` calls the maximum resident
+    set size); None where the platform does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 2)
+
+
 def describe(record: dict) -> str:
     """The log line for tune_for_cpu_training's record."""
     if "left_as_is" in record:

@@ -94,6 +94,7 @@ class Fit:
     loss_spikes: list[dict[str, Any]]  # the steps the spike guard skipped (train.spike_guard)
     full_weights: dict[str, Any] | None = None  # gathered from every process where training was sharded
     fixed_batch_loss: float | None = None  # the trained model's, for the reload check (output.verify_reload)
+    peak_rss_gb: float | None = None  # this process's peak resident memory up to the end of training
 
 
 @dataclass
@@ -294,12 +295,12 @@ def train_to_the_end(run: Setup, trainer, stop: StopOnSignal) -> Fit:
     fitted = Fit(trainer.accelerator.unwrap_model(trainer.model), trainer.state.global_step, output.training_loss,
                  int(trainer.state.num_input_tokens_seen), output.metrics["train_runtime"],
                  mark_best_checkpoint(trainer, Path(cfg.output.dir)), list(guard.skipped.values()) if guard else [],
-                 full_weights=full_state_dict(trainer))  # every process takes part in gathering sharded weights
+                 full_weights=full_state_dict(trainer), peak_rss_gb=cpu_memory.peak_rss_gb())
     sharded = fitted.full_weights is not None
     if cfg.output.verify_reload == "always" or (cfg.output.verify_reload == "auto" and sharded):
         fitted.fixed_batch_loss = fixed_batch_loss(trainer.model, run.fixed_rows, run.tokenizer.pad_token_id)
-    log.info("training done: %d steps, final loss %.4f, %d tokens seen, %.0f s", fitted.steps, fitted.final_loss,
-             fitted.tokens_seen, fitted.runtime_s)
+    log.info("training done: %d steps, final loss %.4f, %d tokens seen, %.0f s, peak memory %s GB", fitted.steps,
+             fitted.final_loss, fitted.tokens_seen, fitted.runtime_s, fitted.peak_rss_gb)
     if fitted.best:
         best = fitted.best
         log.info("best checkpoint: %s (step %s, eval loss %.4f)%s", best["checkpoint"], best["step"],
@@ -396,7 +397,7 @@ def _manifest(run: Setup, fitted: Fit) -> dict[str, Any]:
         "method": cfg.method.name,
         "quantization": run.quantization,
         "precision": run.precision.to_dict(),
-        "memory": run.memory,
+        "memory": {**run.memory, "peak_rss_gb": fitted.peak_rss_gb},  # peak: this process, to the end of training
         "merge": methods.METHODS[cfg.method.name].merge,
         "model": run.source.to_dict(),
         "data": {**data.fingerprints, "train": data.train_stats.to_dict(), "eval_examples": len(data.eval),
