@@ -7,11 +7,11 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import ROOT
 
 from llm_finetune.cli import main
+from llm_finetune.cpu_memory import kernel_huge_pages
 
 
 def test_help_lists_commands(capsys):
@@ -52,13 +52,6 @@ def test_train_then_generate_in_process(tiny_project, capsys):
     assert captured.out.endswith("\n") and "error" not in captured.err
 
 
-def _kernel_thp() -> str:
-    try:
-        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "[never]"
-
-
 def test_train_as_subprocess(tiny_project):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "llm_finetune", "train", "--config", str(tiny_project / "config.json"),
@@ -72,7 +65,7 @@ def test_train_as_subprocess(tiny_project):
     # And the process's peak memory to the end of training is in both.
     memory = json.loads((tiny_project / "checkpoints" / "run_manifest.json").read_text())["memory"]
     log = (tiny_project / "logs" / "training.log").read_text()
-    if platform.libc_ver()[0] == "glibc" and "[never]" not in _kernel_thp() and "MALLOC_MMAP_THRESHOLD_" not in env:
+    if platform.libc_ver()[0] == "glibc" and kernel_huge_pages()[0] and "MALLOC_MMAP_THRESHOLD_" not in env:
         assert memory["mmap_threshold"] == 2 << 20 and memory["huge_pages"] == "THP_MEM_ALLOC_ENABLE=1"
         assert "memory: tensors of 2 MiB or more in their own huge-page mappings" in log
     if sys.platform != "win32":

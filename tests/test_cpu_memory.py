@@ -16,6 +16,8 @@ import textwrap
 import pytest
 from conftest import ROOT
 
+from llm_finetune.cpu_memory import kernel_huge_pages
+
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="glibc's malloc on Linux")
 
@@ -59,14 +61,7 @@ def _probe(tune: bool, **env) -> dict:
     return result
 
 
-def _thp_available() -> bool:
-    try:
-        return "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _thp_available(), reason="the kernel's transparent huge pages are off")
+@pytest.mark.skipif(not kernel_huge_pages()[0], reason="the kernel's transparent huge pages are off")
 def test_large_tensors_get_their_own_mappings_on_a_cpu_run():
     tuned = _probe(tune=True)
     assert tuned["thp"] == "1"  # set at import, before torch read it

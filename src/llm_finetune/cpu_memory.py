@@ -66,13 +66,19 @@ def huge_pages() -> tuple[bool, str]:
         return False, f"torch was imported before llm_finetune, so it did not read {HUGE_PAGES_ENV}=1"
     if os.environ.get(HUGE_PAGES_ENV) != "1":
         return False, f"{HUGE_PAGES_ENV} is not 1"
+    kernel, why = kernel_huge_pages()
+    return (True, f"{HUGE_PAGES_ENV}=1") if kernel else (False, why)
+
+
+def kernel_huge_pages() -> tuple[bool, str]:
+    """Does the kernel give transparent huge pages to a mapping that asks for them? With the reason."""
     try:
-        kernel = _KERNEL_THP.read_text()
+        mode = _KERNEL_THP.read_text()
     except OSError:
         return False, f"the kernel has no transparent huge pages ({_KERNEL_THP} is missing)"
-    if "[never]" in kernel:
+    if "[never]" in mode:
         return False, f"the kernel's transparent huge pages are off ({_KERNEL_THP}: never)"
-    return True, f"{HUGE_PAGES_ENV}=1"
+    return True, f"{_KERNEL_THP}: {mode.split('[')[1].split(']')[0]}"
 
 
 def tune_for_this_run() -> dict:
@@ -126,5 +132,5 @@ def describe(record: dict) -> str:
     if "left_as_is" in record:
         return f"allocator left as is: {record['left_as_is']}"
     return (f"tensors of {record['mmap_threshold'] >> 20} MiB or more in their own huge-page mappings (glibc mmap "
-            f"threshold fixed, {record['huge_pages']}): about a third less peak memory than glibc's defaults; "
-            "MALLOC_MMAP_THRESHOLD_ in the environment chooses otherwise")
+            f"threshold fixed, {record['huge_pages']}; on chat data it took peak memory from 5.8 to 4.0 GB, see "
+            "cpu_memory.py); MALLOC_MMAP_THRESHOLD_ in the environment chooses otherwise")

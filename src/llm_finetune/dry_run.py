@@ -227,7 +227,7 @@ def estimate(cfg: RunConfig, throughput: float | None = None, world_size: int | 
     seq = cfg.data.max_length  # a batch holding one longest example pads every row to it
     tokens_in_batch = cfg.train.batch_size * seq
     # The estimate is for 16-bit activations; a half base keeping fp32 activations (keep_activations_fp32) counts 4.
-    act_scale = DTYPE_BYTES[precision.to_dict()["activations"]] / 2
+    act_scale = DTYPE_BYTES[precision.activations_name] / 2
     per_layer_full = 34 * tokens_in_batch * hidden * act_scale  # attention scores excluded (SDPA kernels)
     if cfg.train.gradient_checkpointing:
         activations = layers * 2 * tokens_in_batch * hidden * act_scale + per_layer_full

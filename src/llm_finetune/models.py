@@ -250,14 +250,20 @@ class Precision:
     @property
     def load_name(self) -> str:
         """The `model.dtype` spelling of `load`, as load_model takes it."""
-        return str(self.load).removeprefix("torch.")
+        return _dtype_name(self.load)
+
+    @property
+    def activations_name(self) -> str:
+        """The spelling of the activations' dtype between the base's products (`activations`, else `load`)."""
+        return _dtype_name(self.activations or self.load)
 
     def to_dict(self) -> dict[str, Any]:
-        def name(dtype):
-            return str(dtype).removeprefix("torch.") if dtype is not None else None
+        return {"load": self.load_name, "autocast": _dtype_name(self.autocast) if self.autocast else None,
+                "activations": self.activations_name, "why": self.why}
 
-        return {"load": self.load_name, "autocast": name(self.autocast),
-                "activations": name(self.activations or self.load), "why": self.why}
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def training_precision(requested: str, trains_full_weights: bool, quantized: bool = False) -> Precision:
@@ -360,7 +366,7 @@ def load_model(source: ModelSource | str, dtype: str | Precision = "auto", quant
         keep_cpu_4bit_trainable(model)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    if precision is not None and precision.activations is not None and precision.activations != precision.load:
+    if precision is not None and precision.activations_name != precision.load_name:
         keep_activations_fp32(model)
     return model
 
