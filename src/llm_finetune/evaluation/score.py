@@ -22,6 +22,7 @@ from ..data.collate import PaddingCollator
 from ..data.records import DataError, Example, format_problems, read_examples
 from ..data.tokenize import IGNORE_INDEX, ChatEncoder, Encoded
 from ..generate import Generation, generate_batch
+from ..head_loss import trained_token_loss_sums
 from .metrics import (
     BOOLEAN_METRICS,
     TEXT_METRICS,
@@ -135,7 +136,8 @@ def example_losses(model, encoded: list[Encoded] | list[dict], pad_token_id: int
     """Summed cross-entropy and supervised-token count of each example (for per-example deltas).
 
     `encoded` holds `Encoded`s or feature dicts with input_ids and labels; `collate` defaults to the
-    training collator, so padding and masks are those the model trained with."""
+    training collator, so padding and masks are those the model trained with. The head runs only at the
+    trained positions (head_loss.trained_token_loss_sums), except for prompt tuning and p-tuning."""
     collate = collate or PaddingCollator(pad_token_id)
     features = [e if isinstance(e, dict) else {"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     device = next(model.parameters()).device
@@ -145,6 +147,11 @@ def example_losses(model, encoded: list[Encoded] | list[dict], pad_token_id: int
         for i in range(0, len(features), batch_size):
             batch = collate(features[i:i + batch_size])
             batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+            counts.extend((batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist())
+            where_trained = trained_token_loss_sums(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            if where_trained is not None:
+                sums.extend(where_trained.tolist())
+                continue
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             # Prompt tuning and p-tuning prepend their virtual tokens' positions to the logits.
             logits = logits[:, -batch["labels"].shape[1]:]
@@ -153,7 +160,6 @@ def example_losses(model, encoded: list[Encoded] | list[dict], pad_token_id: int
                 shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                 ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
             sums.extend(loss.sum(dim=1).tolist())
-            counts.extend((shift_labels != IGNORE_INDEX).sum(dim=1).tolist())
     return sums, counts
 
 
