@@ -227,7 +227,9 @@ def write_markdown(results: dict[str, Any], path: Path, command: str) -> None:
         "# Defaults sweep: task x setting",
         "",
         f"`{command}`, last run finished {results.get('updated', '?')}. Each cell is one real training run on "
-        "the default SmolLM2-135M-Instruct (LoRA, float32 on CPU), scored on the task's held-out set (greedy "
+        "the default SmolLM2-135M-Instruct (LoRA, `model.dtype: auto`: fp32 on a CPU without bf16 units, a bf16 "
+        "frozen base with fp32 activations on one with them; runs before 2026-11-30 were fp32 everywhere), "
+        "scored on the task's held-out set (greedy "
         "answers, headline metric, 95% Wilson interval). The held-out sets differ from training (unseen values "
         "and phrasings; benchmarks/tasks/*/make_data.py), so learning the form alone, or copying a constant "
         "from the training answers, scores low.",

@@ -19,7 +19,7 @@ def write(tmp_path, data, name="c.json"):
 def test_shipped_default_config_loads():
     cfg = load_config(ROOT / "config" / "lora_config.json")
     assert cfg.method.name == "lora" and cfg.method.r == 16 and cfg.method.alpha == 32.0
-    assert cfg.method.dropout == 0.05
+    assert cfg.method.dropout == 0.0
     assert cfg.model.name_or_path == "default"
 
 

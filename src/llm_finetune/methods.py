@@ -355,7 +355,7 @@ _PROMPT_MERGE = ("cannot be merged: the learned virtual tokens are extra inputs,
 # The learning rates follow the usual orders of magnitude (the papers use 3e-3 for IA3, ~1e-2..3e-1 for
 # prompt tuning, 1e-4..1e-3 for the LoRA family, 1e-5..5e-5 for full fine-tuning) and were checked, not
 # swept, on SmolLM2-135M: benchmarks/methods_benchmark.py runs 20 steps of each at its default
-# (benchmarks/results/methods.md). The LoRA family's (with r=16, alpha=32, dropout 0.05) was chosen by
+# (benchmarks/results/methods.md). The LoRA family's (with r=16, alpha=32, dropout 0) was chosen by
 # benchmarks/defaults_sweep.py on three tasks (benchmarks/results/defaults_sweep.md); rslora keeps its
 # own (not swept): alpha/sqrt(r) = 8 at r=16, the step the old LoRA default (alpha/r = 4, 1e-3) took.
 METHODS: dict[str, Method] = {m.name: m for m in (
