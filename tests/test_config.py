@@ -71,3 +71,17 @@ def test_invalid_json_names_line(tmp_path):
     path.write_text('{\n  "train": {\n    "epochs": ,\n  }\n}')
     with pytest.raises(ConfigError, match=r"bad.json:3"):
         load_config(path)
+
+
+def test_a_run_config_saved_at_earlier_defaults_still_loads(tmp_path):
+    """A run_config.json lists every method key, so an IA3 run saved when LoRA's defaults were r 8 / dropout
+    0.1, or dropout 0.05, carries them without having chosen them: it loads (`llm-finetune eval --adapter`
+    reads it). A config a user writes with those keys for IA3 is still refused."""
+    saved = load_config(None, ["method.name=ia3"]).resolved().to_dict()
+    for r, dropout in [(8, 0.1), (16, 0.05)]:
+        saved["method"].update(r=r, dropout=dropout)
+        path = write(tmp_path, saved, f"run_config_{r}_{dropout}.json")
+        cfg = load_config(path)
+        assert cfg.method.name == "ia3" and cfg.method.dropout == dropout
+    with pytest.raises(ConfigError, match=r"method.dropout does not apply to method.name='ia3'"):
+        load_config(None, ["method.name=ia3", "method.dropout=0.05"])

@@ -125,8 +125,10 @@ def test_the_plan_per_process_for_several_processes(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _no_weights(monkeypatch)
+    # method.dropout=0: the recipe's LoRA dropout does not apply to `full` (config validation rejects it)
     cfg = load_config(ROOT / "config" / "falcon7b_qlora.json", ["model.quantization=none", "method.name=full",
-                                                                "train.max_steps=null", "train.epochs=1"])
+                                                                "method.dropout=0", "train.max_steps=null",
+                                                                "train.epochs=1"])
     one, four = estimate(cfg), estimate(cfg, world_size=4)
     assert four.batch == (cfg.train.batch_size, cfg.train.gradient_accumulation_steps,
                           4 * cfg.train.batch_size * cfg.train.gradient_accumulation_steps)

@@ -126,6 +126,13 @@ MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the names in
 OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
 
 
+# Method keys whose default changed, with the defaults earlier releases wrote into every run_config.json
+# (the keys of all methods): r 8 and dropout 0.1 until the defaults sweep, dropout 0.05 until 2026-11-30. An
+# IA3, prompt-tuning or full run saved then carries them without having chosen them, so `llm-finetune eval
+# --adapter` on it still loads.
+EARLIER_DEFAULTS: dict[str, tuple] = {"r": (8,), "dropout": (0.1, 0.05)}
+
+
 @dataclass
 class MethodConfig:
     name: MethodName = _f(
@@ -162,13 +169,17 @@ class MethodConfig:
 
     def validate(self, source: str, given: set[str]) -> None:
         """Reject options the chosen method does not read (they would silently do nothing)."""
+        fields = dataclasses.fields(self)
         defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                    for f in dataclasses.fields(self)}
+                    for f in fields}
+        saved = given >= {f.name for f in fields}  # a run_config.json a run wrote: it lists every key
         readers = option_readers()
         for key in sorted(given):
             users = readers.get(key, ())
-            # A key left at its default changes nothing (a saved run_config.json lists every key).
-            if getattr(self, key) == defaults.get(key):
+            # A key left at its default changes nothing (a saved run_config.json lists every key), nor does
+            # one a saved run config carries at an earlier release's default.
+            value = getattr(self, key)
+            if value == defaults.get(key) or (saved and value in EARLIER_DEFAULTS.get(key, ())):
                 continue
             if self.name not in users:
                 raise ConfigError(
