@@ -143,8 +143,9 @@ class MethodConfig:
     r: int = _f(16, "LoRA rank (lora, qlora, dora, rslora); 16 by the defaults sweep "
                 "(benchmarks/results/defaults_sweep.md).", min=1)
     alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) for rslora).", min=0)
-    dropout: float = _f(0.0, "Dropout on the LoRA input; 0 by the defaults sweep (the same scores on three tasks as 0.05, "
-                        "training 26-32% faster: benchmarks/results/defaults_sweep_dropout.md).", min=0, max=1)
+    dropout: float = _f(0.0, "Dropout on the LoRA input; 0 by the defaults sweep (the same scores on three tasks "
+                        "as 0.05, training 26-32% faster: benchmarks/results/defaults_sweep_dropout.md).",
+                        min=0, max=1)
     target_modules: list[str] | str = _f(
         "all-linear", "Module names to adapt, or 'all-linear' (every linear layer but the output head)."
     )
