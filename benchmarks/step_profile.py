@@ -32,10 +32,8 @@ PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "mkldnn")
 
 def child(dtype: str, data: Path, out: Path) -> None:
     import torch
+    from throughput import child_llm_finetune
     from transformers import TrainerCallback
-
-    import llm_finetune.train as train_module
-    from llm_finetune.config import load_config
 
     class Profile(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -46,27 +44,13 @@ def child(dtype: str, data: Path, out: Path) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
                 self.profiler.__exit__(None, None, None)
-                events = [(e.key, e.self_cpu_time_total) for e in self.profiler.key_averages()]
-                out.write_text(json.dumps(events))
+                self.events = [(e.key, e.self_cpu_time_total) for e in self.profiler.key_averages()]
 
-    build = train_module.build_trainer
-
-    def build_with_profiler(*args, **kwargs):  # measurement only
-        trainer = build(*args, **kwargs)
-        trainer.add_callback(Profile())
-        return trainer
-
-    train_module.build_trainer = build_with_profiler
-    work = Path(tempfile.mkdtemp(prefix="step-profile-"))
-    cfg = load_config(None, [
-        f"data.train_file={data}", "data.eval_file=null", "data.max_length=512", "method.name=lora", "method.r=16",
-        "method.alpha=32", "method.dropout=0.0", "method.target_modules=all-linear", "train.batch_size=4",
-        "train.gradient_accumulation_steps=2", "train.max_steps=3", "train.logging_steps=1",
-        f"output.dir={work / 'ck'}", f"output.logs_dir={work / 'logs'}", "output.tensorboard=false",
-        "eval.report=false", f"model.dtype={dtype}"])
-    result = train_module.run(cfg)
-    precision = result.manifest.get("precision", {})
-    out.write_text(json.dumps({"events": json.loads(out.read_text()), "precision": precision}))
+    profile = Profile()
+    # the throughput benchmark's llm-finetune child: one warm-up step, then the two profiled ones
+    result = child_llm_finetune(data, 2, Path(tempfile.mkdtemp(prefix="step-profile-")), [],
+                                extra=(f"model.dtype={dtype}",), callbacks=(profile,))
+    out.write_text(json.dumps({"events": profile.events, "precision": result["precision"] or {}}))
 
 
 def summarise(events: list) -> dict:

@@ -132,7 +132,9 @@ def _timer_callback(record: list):
 
 
 def child_llm_finetune(data: Path, steps: int, work: Path, record: list, compiled: bool = False,
-                       extra: tuple = ()) -> dict:
+                       extra: tuple = (), callbacks: tuple = ()) -> dict:
+    """llm-finetune's defaults with the settings above (and `extra` overrides), for one warm-up step and
+    `steps` measured ones, timed into `record`; `callbacks` are added to the trainer too (step_profile.py)."""
     sys.path.insert(0, str(ROOT / "src"))
     import llm_finetune.trainer as trainer_module
     from llm_finetune.config import load_config
@@ -145,7 +147,8 @@ def child_llm_finetune(data: Path, steps: int, work: Path, record: list, compile
 
     def build_with_timer(*args, **kwargs):  # measurement only: the trainer itself is the product's
         trainer = build(*args, **kwargs)
-        trainer.add_callback(_timer_callback(record))
+        for callback in (_timer_callback(record), *callbacks):
+            trainer.add_callback(callback)
         return trainer
 
     import llm_finetune.train as train_module

@@ -43,61 +43,65 @@ def trained_tokens_loss(model, unwrapped, inputs: dict, scale) -> torch.Tensor:
     rest = {k: v for k, v in inputs.items() if k != "labels"}
     head = unwrapped.get_output_embeddings()
     if _plain_head(unwrapped, head):
-        # The head on no position at all (an empty index): the model stops at its last hidden state.
-        nowhere = torch.zeros(0, dtype=torch.long, device=labels.device)
-        hidden = model(**rest, logits_to_keep=nowhere, output_hidden_states=True).hidden_states[-1]
-        selected = hidden[:, :-1][trained]
-        return ChunkedHeadCrossEntropy.apply(selected, head.weight, head.bias, targets[trained],
-                                             chunk_tokens(head.weight.shape[0]), scale)
-    keep = trained.any(dim=0).nonzero().squeeze(1)  # positions trained in any row
-    logits = model(**rest, logits_to_keep=keep).logits.float()
-    kept = targets[:, keep]
+        return ChunkedHeadCrossEntropy.apply(_hidden_where_trained(model, rest, trained), head.weight, head.bias,
+                                             targets[trained], chunk_tokens(head.weight.shape[0]), scale)
+    logits, kept = _logits_where_trained(model, rest, targets)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), kept.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
     return loss * scale
 
 
-@torch.no_grad()
-def trained_token_loss_sums(model, input_ids, attention_mask, labels) -> torch.Tensor | None:
-    """Per row of a batch: the summed cross-entropy over its trained tokens, for scoring (no gradient). The
-    head runs only where a token is trained, as in training: a plain head in chunks over the trained
-    positions' hidden states, any other head at the positions trained in some row (`logits_to_keep`). So
-    scoring a batch of 24 rows of 256 tokens holds a few chunks of logits instead of 24 x 256 x vocabulary
-    (1.2 GB for SmolLM2) twice over. Same products in the same dtype as the full head's (the weight's;
-    under `keep_activations_fp32` its bf16 output is handed back as fp32).
-
-    None where this cannot be done: prompt tuning and p-tuning prepend virtual tokens to the positions, and a
-    (remote-code) model whose forward takes no `logits_to_keep` always computes every position's logits."""
+def scores_where_trained(model) -> bool:
+    """Can `trained_token_loss_sums` score this model? Not where the positions are not the model's own
+    (prompt tuning and p-tuning prepend virtual tokens), nor for a (remote-code) model whose forward takes no
+    `logits_to_keep` (it always computes every position's logits)."""
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
-        return None
+        return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        return None  # a remote-code model without it: the full head
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+@torch.no_grad()
+def trained_token_loss_sums(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Per row of a batch: the summed cross-entropy over its trained tokens, for scoring (no gradient), where
+    `scores_where_trained(model)`. The head runs only where a token is trained, as in training: a plain head
+    in chunks over the trained positions' hidden states, any other head at the positions trained in some row
+    (`logits_to_keep`). So scoring a batch of 24 rows of 256 tokens holds a few chunks of logits instead of
+    24 x 256 x vocabulary (1.2 GB for SmolLM2) twice over. Same products in the same dtype as the full head's
+    (the weight's; under `keep_activations_fp32` its bf16 output is handed back as fp32)."""
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    rest = {"input_ids": input_ids, "attention_mask": attention_mask}
     head = model.get_output_embeddings()
-    if _plain_head(model, head, frozen=False):
-        nowhere = torch.zeros(0, dtype=torch.long, device=labels.device)
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=nowhere,
-                       output_hidden_states=True).hidden_states[-1]
-        rows = trained.nonzero()[:, 0]
-        selected, wanted = hidden[:, :-1][trained], targets[trained]
-        weight, bias = head.weight, head.bias
-        chunk = chunk_tokens(weight.shape[0])
-        for start in range(0, selected.shape[0], chunk):
-            h = selected[start:start + chunk].to(weight.dtype)
-            logits = torch.nn.functional.linear(h, weight, bias).float()
-            losses = torch.nn.functional.cross_entropy(logits, wanted[start:start + chunk], reduction="none")
-            sums.index_add_(0, rows[start:start + chunk], losses)
-        return sums
-    keep = trained.any(dim=0).nonzero().squeeze(1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits.float()
-    kept = targets[:, keep]
-    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), kept.reshape(-1),
-                                               ignore_index=IGNORE_INDEX, reduction="none")
-    return sums + losses.view(kept.shape).sum(dim=1)
+    if not _plain_head(model, head, frozen=False):
+        logits, kept = _logits_where_trained(model, rest, targets)
+        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), kept.reshape(-1),
+                                                   ignore_index=IGNORE_INDEX, reduction="none")
+        return losses.view(kept.shape).sum(dim=1)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    selected, wanted, rows = _hidden_where_trained(model, rest, trained), targets[trained], trained.nonzero()[:, 0]
+    weight, bias = head.weight, head.bias
+    chunk = chunk_tokens(weight.shape[0])
+    for start in range(0, selected.shape[0], chunk):
+        logits = torch.nn.functional.linear(selected[start:start + chunk].to(weight.dtype), weight, bias).float()
+        losses = torch.nn.functional.cross_entropy(logits, wanted[start:start + chunk], reduction="none")
+        sums.index_add_(0, rows[start:start + chunk], losses)
+    return sums
+
+
+def _hidden_where_trained(model, rest: dict, trained: torch.Tensor) -> torch.Tensor:
+    """The last hidden states of the positions whose next token is trained (tokens x hidden). The head runs on
+    no position at all (an empty index): the model stops at its last hidden state."""
+    nowhere = torch.zeros(0, dtype=torch.long, device=trained.device)
+    hidden = model(**rest, logits_to_keep=nowhere, output_hidden_states=True).hidden_states[-1]
+    return hidden[:, :-1][trained]
+
+
+def _logits_where_trained(model, rest: dict, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits at the positions trained in any row, and those positions' targets (rows x kept)."""
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    return model(**rest, logits_to_keep=keep).logits.float(), targets[:, keep]
 
 
 def chunk_tokens(vocabulary: int) -> int:

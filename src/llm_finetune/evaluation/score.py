@@ -22,7 +22,7 @@ from ..data.collate import PaddingCollator
 from ..data.records import DataError, Example, format_problems, read_examples
 from ..data.tokenize import IGNORE_INDEX, ChatEncoder, Encoded
 from ..generate import Generation, generate_batch
-from ..head_loss import trained_token_loss_sums
+from ..head_loss import scores_where_trained, trained_token_loss_sums
 from .metrics import (
     BOOLEAN_METRICS,
     TEXT_METRICS,
@@ -141,6 +141,7 @@ def example_losses(model, encoded: list[Encoded] | list[dict], pad_token_id: int
     collate = collate or PaddingCollator(pad_token_id)
     features = [e if isinstance(e, dict) else {"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     device = next(model.parameters()).device
+    where_trained = scores_where_trained(model)
     sums: list[float] = []
     counts: list[int] = []
     with eval_mode(model):
@@ -148,9 +149,9 @@ def example_losses(model, encoded: list[Encoded] | list[dict], pad_token_id: int
             batch = collate(features[i:i + batch_size])
             batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
             counts.extend((batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist())
-            where_trained = trained_token_loss_sums(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            if where_trained is not None:
-                sums.extend(where_trained.tolist())
+            if where_trained:
+                sums.extend(trained_token_loss_sums(model, batch["input_ids"], batch["attention_mask"],
+                                                    batch["labels"]).tolist())
                 continue
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             # Prompt tuning and p-tuning prepend their virtual tokens' positions to the logits.
